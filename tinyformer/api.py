@@ -1,0 +1,60 @@
+"""One entry point for every model source: `tinyformer.load(path)`."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .checkpoint import CheckpointError, is_checkpoint, load_checkpoint
+
+
+class LanguageModel:
+    """A loaded model with its tokenizer: `.model` (logits [B, T, V] from input_ids [B, T]), `.tokenizer`,
+    `.generate(...)`, and `.source` (what it was loaded from)."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer, config: dict | None = None, source: str = ""):
+        self.model, self.tokenizer, self.config, self.source = model, tokenizer, config or {}, source
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def generate(self, prompts, **options):
+        from .generation.api import generate
+
+        return generate(self.model, self.tokenizer, prompts, **options)
+
+    def __repr__(self) -> str:
+        return f"LanguageModel({self.source!r}, {self.model.num_parameters():,} parameters)"
+
+
+def resolve_device(device: str | None) -> str:
+    if device in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise ValueError(f"unknown device {device!r}; choose auto, cpu or cuda")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for but no CUDA GPU is available; use --device cpu or auto")
+    return device
+
+
+def load(path, device: str | None = "auto") -> LanguageModel:
+    """Load a tinyformer checkpoint, a Hugging Face GPT-2/Llama directory, or the tutorial's .ckpt file."""
+    device = resolve_device(device)
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path} does not exist")
+    if path.is_dir() and is_checkpoint(path):
+        model, tokenizer, config = load_checkpoint(path, device)
+        return LanguageModel(model, tokenizer, config, str(path))
+    if path.is_dir() and (path / "config.json").is_file():
+        from .interop.hf import load_hf
+
+        model, tokenizer, config = load_hf(path, device)
+        return LanguageModel(model, tokenizer, config, str(path))
+    if path.is_file():
+        from .interop.book import load_book
+
+        model, tokenizer, config = load_book(path, device)
+        return LanguageModel(model, tokenizer, config, str(path))
+    raise CheckpointError(f"{path} is neither a checkpoint directory (config.json) nor a .ckpt file")

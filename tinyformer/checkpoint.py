@@ -1,0 +1,145 @@
+"""Checkpoint directories: config.json + model.safetensors + tokenizer files (+ trainer_state.pt to resume).
+
+Every file is written to a temporary name and renamed into place, config.json last; the step is recorded in both
+config.json and the safetensors header so a checkpoint torn between two saves is detected, not silently mixed.
+Nothing here unpickles code: weights come from safetensors, trainer state from torch.load(weights_only=True).
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .model import GPT, ConfigError, ModelConfig
+from .tokenizers import Tokenizer, TokenizerError, load_tokenizer
+
+FORMAT = "tinyformer"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+def _atomic_write(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict to store: contiguous tensors, tied LM head left out (it is the embedding)."""
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    if getattr(model, "config", None) is not None and model.config.tie_embeddings:
+        state.pop("lm_head.weight", None)
+    return state
+
+
+def save_checkpoint(directory, model: GPT, tokenizer: Tokenizer, *, train_config: dict | None = None,
+                    trainer_state: dict | None = None, step: int = 0, extra: dict | None = None) -> Path:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    metadata = {"format": FORMAT, "step": str(step)}
+    _atomic_write(directory / "model.safetensors", lambda p: save_file(model_state(model), str(p), metadata=metadata))
+    if trainer_state is not None:
+        _atomic_write(directory / "trainer_state.pt", lambda p: torch.save({**trainer_state, "step": step}, p))
+    tokenizer_entry = tokenizer.save(directory)
+    config = {"format": FORMAT, "format_version": FORMAT_VERSION, "architecture": "gpt", "step": step,
+              "model": model.config.to_dict(), "tokenizer": tokenizer_entry, "train": train_config,
+              **(extra or {})}
+    _atomic_write(directory / "config.json",
+                  lambda p: p.write_text(json.dumps(config, indent=2, ensure_ascii=False), encoding="utf-8"))
+    return directory
+
+
+def is_checkpoint(path) -> bool:
+    config = Path(path) / "config.json"
+    if not config.is_file():
+        return False
+    try:
+        return json.loads(config.read_text("utf-8")).get("format") == FORMAT
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return False
+
+
+def read_config(directory) -> dict:
+    path = Path(directory) / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{directory} is not a checkpoint: no config.json")
+    try:
+        config = json.loads(path.read_text("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"{path} is corrupted: {error}") from None
+    if config.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a tinyformer checkpoint (format {config.get('format')!r})")
+    return config
+
+
+def load_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """Read a safetensors file, turning a truncated or corrupted file into one clear error."""
+    if not path.is_file():
+        raise CheckpointError(f"missing weights file {path}")
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as handle:
+            metadata = handle.metadata() or {}
+            return {name: handle.get_tensor(name) for name in handle.keys()}, metadata
+    except (SafetensorError, OSError, RuntimeError) as error:
+        raise CheckpointError(f"{path} is corrupted or truncated ({error})") from None
+
+
+def load_state_into(model: torch.nn.Module, state: dict[str, torch.Tensor], source) -> None:
+    """Load a state dict strictly, naming missing, unexpected and mis-shaped weights in one line."""
+    expected = model_state(model)
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+        if unexpected:
+            parts.append(f"unexpected {', '.join(unexpected[:5])}{' ...' if len(unexpected) > 5 else ''}")
+        raise CheckpointError(f"{source}: weights do not match the config: {'; '.join(parts)}")
+    for name, tensor in state.items():
+        if tuple(tensor.shape) != tuple(expected[name].shape):
+            raise CheckpointError(f"{source}: weight {name} has shape {tuple(tensor.shape)}, "
+                                  f"the config needs {tuple(expected[name].shape)}")
+    model.load_state_dict(state, strict=False)  # the tied head is the embedding, already loaded
+
+
+def load_checkpoint(directory, device: str | torch.device = "cpu"):
+    """Return (model in eval mode, tokenizer, config dict) from a tinyformer checkpoint directory."""
+    directory = Path(directory)
+    config = read_config(directory)
+    try:
+        model_config = ModelConfig.from_dict(config["model"])
+        tokenizer = load_tokenizer(directory, config["tokenizer"])
+    except (KeyError, TypeError, ConfigError, TokenizerError, OSError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"{directory}/config.json is invalid: {error}") from None
+    state, metadata = load_weights(directory / "model.safetensors")
+    if metadata.get("step") is not None and metadata["step"] != str(config.get("step")):
+        raise CheckpointError(f"{directory}: model.safetensors is from step {metadata['step']} but config.json "
+                              f"from step {config.get('step')} (a save was interrupted)")
+    model = GPT(model_config)
+    load_state_into(model, state, directory)
+    return model.to(device).eval(), tokenizer, config
+
+
+def load_trainer_state(directory) -> dict:
+    path = Path(directory) / "trainer_state.pt"
+    if not path.is_file():
+        raise CheckpointError(f"{directory} has no trainer_state.pt to resume from")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - any unpickling failure means the file cannot be trusted
+        raise CheckpointError(f"{path} is corrupted or not weights-only ({type(error).__name__}: "
+                              f"{str(error).splitlines()[0][:200]})") from None

@@ -1,0 +1,91 @@
+"""Preallocated key/value cache: written in place by position, rolled as a ring once full (RoPE models)."""
+from __future__ import annotations
+
+import torch
+
+from ..model.gpt import padded_causal_mask
+
+
+def kv_cache_bytes(config, batch_size: int, length: int, dtype: torch.dtype = torch.float32) -> int:
+    """2 (keys and values) x layers x kv_heads x head_dim x length x batch x bytes per element."""
+    element = torch.empty((), dtype=dtype).element_size()
+    return 2 * config.n_layers * config.kv_heads * config.hidden_head_dim * length * batch_size * element
+
+
+class KVCache:
+    """Keys and values of every layer, [layers, batch, kv_heads, capacity, head_dim].
+
+    `length` counts tokens written so far. While length < capacity, token t lives in slot t. A rolling cache
+    (only valid for relative positions, i.e. RoPE) then wraps: token t lives in slot t % capacity, and since
+    keys already carry their rotation, the order of slots does not matter to attention.
+    """
+
+    def __init__(self, config, batch_size: int, capacity: int, dtype=torch.float32, device="cpu",
+                 rolling: bool = False):
+        shape = (config.n_layers, batch_size, config.kv_heads, capacity, config.hidden_head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.key_valid = torch.ones(batch_size, capacity, dtype=torch.bool, device=device)
+        self.next_position = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.capacity, self.rolling, self.length = capacity, rolling, 0
+        self.padded = False  # some slot in use holds padding, so masks are needed
+        self._slots, self._read = slice(0, 0), 0
+
+    @property
+    def batch_size(self) -> int:
+        return self.k.shape[1]
+
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+    def prepare(self, T: int, new_mask: torch.Tensor | None):
+        """Choose the slots for T new tokens and return SDPA's (attn_mask, is_causal) for this forward."""
+        start = self.length
+        if start + T <= self.capacity:
+            self._slots, self._read = slice(start, start + T), start + T
+        elif self.rolling and T == 1:
+            slot = start % self.capacity
+            self._slots, self._read = slice(slot, slot + 1), self.capacity
+        else:
+            raise ValueError(f"{T} new tokens do not fit a cache of {self.capacity} holding {start}"
+                             + ("" if self.rolling else " (this cache does not roll)"))
+        if new_mask is not None:
+            valid = new_mask.bool()
+            self.key_valid[:, self._slots] = valid
+            self.padded = self.padded or not bool(valid.all())
+        else:
+            self.key_valid[:, self._slots] = True
+        if self._read == self.capacity and start >= self.capacity:  # wrapped: every slot is in the past
+            return (self.key_valid[:, None, None, :] if self.padded else None), False
+        if not self.padded:
+            if start == 0:
+                return None, T > 1
+            if T == 1:
+                return None, False
+        return padded_causal_mask(self.key_valid[:, :self._read], T, start), False
+
+    def positions(self, T: int, new_mask: torch.Tensor | None) -> torch.Tensor:
+        """Position ids of the new tokens: real tokens count up per row, padding repeats the last position."""
+        if new_mask is None:
+            steps = torch.arange(1, T + 1, device=self.next_position.device).expand(self.batch_size, T)
+        else:
+            steps = new_mask.long().cumsum(-1)
+        positions = (self.next_position.unsqueeze(1) + steps - 1).clamp(min=0)
+        self.next_position = self.next_position + steps[:, -1]
+        return positions
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.k[layer, :, :, self._slots] = k
+        self.v[layer, :, :, self._slots] = v
+        return self.k[layer, :, :, :self._read], self.v[layer, :, :, :self._read]
+
+    def advance(self, T: int) -> None:
+        self.length += T
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep (and reorder) batch rows: beam search reorders beams, finished rows are dropped."""
+        self.k = self.k.index_select(1, rows)
+        self.v = self.v.index_select(1, rows)
+        self.key_valid = self.key_valid.index_select(0, rows)
+        self.next_position = self.next_position.index_select(0, rows)
+        self.padded = self.padded and not bool(self.key_valid[:, :min(self.length, self.capacity)].all())
