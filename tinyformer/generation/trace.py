@@ -1,0 +1,42 @@
+"""A step-by-step record of generation: each token with its top candidates and their probabilities."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+
+@dataclass
+class TraceStep:
+    step: int
+    row: int
+    token_id: int
+    token: str
+    prob: float  # under the model's own distribution (before temperature and truncation)
+    top: list[tuple[str, float]]  # the top candidates (token text, probability)
+    text: str  # the row's generated text so far
+
+    def to_dict(self) -> dict:
+        return {"step": self.step, "row": self.row, "token_id": self.token_id, "token": self.token,
+                "prob": self.prob, "top": [{"token": t, "prob": p} for t, p in self.top], "text": self.text}
+
+
+def trace_step(tokenizer, step: int, row: int, token: int, logprob: float, top, text: str) -> TraceStep:
+    return TraceStep(step, row, token, tokenizer.token_text(token), math.exp(logprob),
+                     [(tokenizer.token_text(t), math.exp(lp)) for t, lp in top], text)
+
+
+def _show(text: str, width: int) -> str:
+    shown = text if text.isprintable() else repr(text)[1:-1]
+    return shown if len(shown) <= width else "…" + shown[-(width - 1):]
+
+
+def format_trace(steps: list[TraceStep], text_width: int = 40) -> str:
+    """A plain-text table: step, chosen token and probability, top candidates, text so far."""
+    rows = [("step", "row", "chosen", "p", "top candidates", "text so far")]
+    for s in steps:
+        top = "  ".join(f"{_show(t, 8)!s}:{p:.2f}" for t, p in s.top)
+        rows.append((str(s.step), str(s.row), _show(s.token, 10), f"{s.prob:.3f}", top, _show(s.text, text_width)))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
