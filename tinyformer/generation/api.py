@@ -61,7 +61,8 @@ def check_token_ids(prompts: list[list[int]], vocab_size: int, tokenizer=None) -
     for p in prompts:
         for t in p:
             if not 0 <= t < vocab_size:
-                shown = f" ({tokenizer.token_text(t)!r})" if tokenizer is not None and t >= 0 else ""
+                known = tokenizer is not None and 0 <= t < tokenizer.vocab_size
+                shown = f" ({tokenizer.token_text(t)!r})" if known else ""
                 raise GenerationError(f"token id {t}{shown} is outside this model's vocabulary of {vocab_size} "
                                       f"(ids 0..{vocab_size - 1})")
 

@@ -1,0 +1,34 @@
+"""Small shared builders for the tests: tiny random models, seeded."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from tinyformer import GPT, LanguageModel, get_tokenizer, preset
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+SAMPLE_TEXT = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n"
+               "农夫山泉 有点甜 🙂 — naïve café!\n") * 3
+
+
+def shared_file(name: str) -> Path:
+    path = SHARED / name
+    if not path.is_file():
+        pytest.skip(f"{path} not available (../shared is absent)")
+    return path
+
+
+def tiny_model(kind: str = "tiny", vocab_size: int = 64, seed: int = 0, **overrides) -> GPT:
+    torch.manual_seed(seed)
+    small = dict(d_model=32, n_layers=2, n_heads=4, context_length=32)
+    if kind == "llama-tiny":
+        small.update(n_kv_heads=2, d_ff=48)
+    return GPT(preset(kind, vocab_size=vocab_size, **{**small, **overrides})).eval()
+
+
+def char_lm(kind: str = "tiny", seed: int = 0, **overrides) -> LanguageModel:
+    tokenizer = get_tokenizer("char", SAMPLE_TEXT)
+    return LanguageModel(tiny_model(kind, tokenizer.vocab_size, seed, **overrides), tokenizer, source="test")
