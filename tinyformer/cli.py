@@ -1,0 +1,347 @@
+"""The `tinyformer` command: train, generate, inspect, eval, export, convert."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import types
+import typing
+
+EPILOG = """examples:
+  tinyformer train --preset tiny --time-budget 150 --out runs/demo
+  tinyformer train --data ../shared/data/tinyshakespeare.txt --tokenizer char --preset tiny --out runs/shakespeare
+  tinyformer generate runs/demo --prompt "The " --max-new-tokens 200
+  tinyformer inspect runs/demo
+run `tinyformer COMMAND --help` for each command's options."""
+
+
+def _flag_type(field: dataclasses.Field):
+    """The argparse type for a dataclass field (plain types, optionally `| None`)."""
+    hint = field.type
+    if isinstance(hint, str):
+        hint = eval(hint, {"typing": typing})  # annotations are strings under `from __future__ import annotations`
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        hint = args[0]
+    return hint
+
+
+def add_dataclass_flags(parser, cls, skip=(), group_title=None, help_texts=None):
+    """Every field of cls becomes --field-name; unset flags stay None so saved or preset values win."""
+    group = parser.add_argument_group(group_title) if group_title else parser
+    for field in dataclasses.fields(cls):
+        if field.name in skip:
+            continue
+        kind = _flag_type(field)
+        flag = "--" + field.name.replace("_", "-")
+        default = field.default if field.default is not dataclasses.MISSING else None
+        text = (help_texts or {}).get(field.name, "")
+        text = f"{text} (default: {default})" if text else f"default: {default}"
+        if kind is bool:
+            group.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction, default=None, help=text)
+        else:
+            group.add_argument(flag, dest=field.name, type=kind, default=None, metavar=field.name.upper(), help=text)
+
+
+def _given(args, cls, skip=()) -> dict:
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)
+            if f.name not in skip and getattr(args, f.name, None) is not None}
+
+
+def _emit(args, data, text: str | None = None) -> None:
+    if args.json:
+        print(json.dumps(data, ensure_ascii=False, indent=None if args.command == "generate" else 2))
+    elif text is not None:
+        print(text)
+
+
+# ---------------------------------------------------------------- train
+def cmd_train(args) -> int:
+    from .checkpoint import read_config
+    from .model import ModelConfig, preset
+    from .train import TrainConfig, train
+
+    model_overrides = _given(args, ModelConfig, skip=("vocab_size",))
+    train_overrides = _given(args, TrainConfig)
+    if args.resume:
+        saved = read_config(args.out)
+        model_config = ModelConfig.from_dict(saved["model"])
+        if model_overrides:
+            raise ValueError(f"--resume continues the saved model; drop the model flags "
+                             f"({', '.join('--' + k.replace('_', '-') for k in model_overrides)})")
+        train_config = TrainConfig(**{**(saved.get("train") or {}), **train_overrides})
+    else:
+        model_config = preset(args.preset, **model_overrides)
+        train_config = TrainConfig(**train_overrides)
+    summary = train(model_config, train_config, args.out, resume=args.resume, overwrite=args.overwrite,
+                    progress=not args.json and not args.quiet, log=(lambda *a, **k: None) if args.json else print)
+    _emit(args, summary, None)
+    if not args.json:
+        print(f"checkpoint: {args.out}   val loss {summary.get('val_loss', float('nan')):.4f}   "
+              f"bits/byte {summary.get('val_bpb', float('nan')):.4f}")
+        print(f'next: tinyformer generate {args.out} --prompt "..."')
+    return 0
+
+
+# ---------------------------------------------------------------- generate
+def cmd_generate(args) -> int:
+    from .api import load
+    from .generation import format_trace
+
+    lm = load(args.checkpoint, device=args.device)
+    prompts = list(args.prompt or [])
+    if args.prompt_file:
+        with open(args.prompt_file, encoding="utf-8") as handle:
+            prompts.append(handle.read())
+    if not prompts:
+        raise ValueError("give a prompt with --prompt TEXT (repeat it for a batch) or --prompt-file FILE")
+    options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                   top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                   presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
+                   no_repeat_ngram_size=args.no_repeat_ngram_size, stop=args.stop, seed=args.seed,
+                   num_beams=args.num_beams, length_penalty=args.length_penalty, early_stopping=args.early_stopping,
+                   use_cache=not args.no_cache, window=args.window)
+    if args.stream and not args.json and not args.trace:
+        if len(prompts) > 1:
+            raise ValueError("--stream takes one --prompt")
+        sys.stdout.write(prompts[0])
+        for delta in lm.generate(prompts[0], stream=True, **options):
+            sys.stdout.write(delta)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        return 0
+    results = lm.generate(prompts, details=True, trace=args.trace, logprobs=args.logprobs, **options)
+    if args.json:
+        out = []
+        for prompt, r in zip(prompts, results):
+            item = {"prompt": prompt, "text": r.text, "token_ids": r.token_ids, "finish_reason": r.finish_reason}
+            if r.logprobs is not None:
+                item["logprobs"] = r.logprobs
+            if r.top_logprobs is not None:
+                item["top_logprobs"] = [[{"token": lm.tokenizer.token_text(t), "logprob": lp} for t, lp in alts]
+                                        for alts in r.top_logprobs]
+            if r.score is not None:
+                item["score"] = r.score
+                item["alternatives"] = [{"text": a.text, "score": a.score} for a in r.alternatives]
+            if r.trace is not None:
+                item["trace"] = [s.to_dict() for s in r.trace]
+            out.append(item)
+        print(json.dumps(out if len(out) > 1 else out[0], ensure_ascii=False))
+        return 0
+    for i, (prompt, r) in enumerate(zip(prompts, results)):
+        if len(prompts) > 1:
+            print(f"--- [{i}] ({r.finish_reason})")
+        if r.trace is not None:
+            print(format_trace(r.trace))
+            print()
+        print(prompt + r.text)
+        if r.score is not None:
+            print(f"(score {r.score:.4f})")
+            for alt in r.alternatives:
+                print(f"  alt {alt.score:.4f}: {prompt + alt.text!r}")
+        if r.logprobs is not None and not r.trace:
+            pieces = [f"{lm.tokenizer.token_text(t)!r}:{lp:.3f}" for t, lp in zip(r.token_ids, r.logprobs)]
+            print("logprobs: " + " ".join(pieces))
+    return 0
+
+
+# ---------------------------------------------------------------- inspect
+def cmd_inspect(args) -> int:
+    import torch
+
+    from .api import load
+    from .generation import kv_cache_bytes
+
+    lm = load(args.checkpoint, device="cpu")
+    model = lm.model
+    config = model.config
+    total = model.num_parameters()
+    modules = {}
+    seen = set()
+    for name, param in model.named_parameters():  # named_parameters skips the tied head: counted once
+        if id(param) in seen:
+            continue
+        seen.add(id(param))
+        top = name.split(".")[0] if not name.startswith("blocks.") else ".".join(name.split(".")[:2])
+        modules[top] = modules.get(top, 0) + param.numel()
+    state = {k: list(v.shape) for k, v in model.state_dict().items()}
+    dtype = next(model.parameters()).dtype
+    length = args.cache_length or config.context_length
+    cache = kv_cache_bytes(config, args.cache_batch, length, dtype)
+    data = {"source": lm.source, "model": config.to_dict(), "parameters": total, "modules": modules,
+            "tokenizer": getattr(lm.tokenizer, "spec", None), "state_dict": state,
+            "kv_cache": {"batch": args.cache_batch, "length": length, "bytes": cache,
+                         "formula": "2 x layers x kv_heads x head_dim x length x batch x bytes"},
+            "train": lm.config.get("train"), "step": lm.config.get("step")}
+    lines = [f"source: {lm.source}", f"tokenizer: {data['tokenizer']} (vocab {config.vocab_size})", "config:"]
+    lines += [f"  {k} = {v}" for k, v in config.to_dict().items()]
+    lines += [f"parameters: {total:,}", "per module:"]
+    lines += [f"  {k:<16}{v:>14,}" for k, v in modules.items()]
+    lines += [f"KV cache for batch {args.cache_batch} x {length} tokens ({str(dtype).replace('torch.', '')}): "
+              f"{cache:,} bytes ({cache / 2**20:.2f} MiB) = 2 x {config.n_layers} layers x {config.kv_heads} kv heads"
+              f" x {config.hidden_head_dim} head dim x {length} x {args.cache_batch} x "
+              f"{torch.empty((), dtype=dtype).element_size()} bytes", "state_dict:"]
+    lines += [f"  {k:<48}{tuple(v)}" for k, v in state.items()]
+    _emit(args, data, "\n".join(lines))
+    return 0
+
+
+# ---------------------------------------------------------------- eval
+def cmd_eval(args) -> int:
+    import math
+
+    import torch
+    import torch.nn.functional as F
+
+    from .api import load
+    from .data import load_text
+
+    lm = load(args.checkpoint, device=args.device)
+    if lm.tokenizer is None:
+        raise ValueError(f"{args.checkpoint} has no tokenizer to read text with")
+    text, description = load_text(args.data)
+    ids = torch.tensor(lm.tokenizer.encode(text), dtype=torch.long)
+    window = min(args.context_length or lm.model.config.context_length, lm.model.config.context_length)
+    if len(ids) < 2:
+        raise ValueError(f"{args.data} has fewer than 2 tokens")
+    total, count = 0.0, 0
+    device = lm.device
+    with torch.inference_mode():
+        for start in range(0, min(len(ids) - 1, args.max_tokens or len(ids)), window):  # non-overlapping windows
+            chunk = ids[start:start + window + 1].to(device)
+            if len(chunk) < 2:
+                break
+            logits = lm.model(chunk[None, :-1])
+            total += F.cross_entropy(logits[0].float(), chunk[1:], reduction="sum").item()
+            count += len(chunk) - 1
+    loss = total / count
+    scored_bytes = len(lm.tokenizer.decode(ids[1:count + 1].tolist()).encode("utf-8"))
+    data = {"data": description, "tokens": count, "loss": loss, "perplexity": math.exp(loss),
+            "bits_per_byte": total / (scored_bytes * math.log(2))}
+    _emit(args, data, f"{description}: {count:,} tokens  loss {loss:.4f}  perplexity {math.exp(loss):.2f}  "
+                      f"bits/byte {data['bits_per_byte']:.4f}")
+    return 0
+
+
+# ---------------------------------------------------------------- export / convert
+def cmd_export(args) -> int:
+    from .api import load
+    from .interop.hf import export_hf
+
+    lm = load(args.checkpoint, device="cpu")
+    notes = export_hf(lm.model, lm.tokenizer, args.out_dir) or []
+    _emit(args, {"out_dir": args.out_dir, "format": args.format, "notes": list(notes)},
+          "\n".join([f"exported {args.checkpoint} -> {args.out_dir} (Hugging Face format)", *notes]))
+    return 0
+
+
+def cmd_convert(args) -> int:
+    from .interop import convert
+
+    out = convert(args.source, args.out_dir)
+    _emit(args, {"source": args.source, "out_dir": str(out)}, f"converted {args.source} -> {out}")
+    return 0
+
+
+# ---------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    from .model import PRESETS, ModelConfig
+    from .train import TrainConfig
+
+    parser = argparse.ArgumentParser(
+        prog="tinyformer", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
+        description="Train Transformer language models from scratch, generate fast, look inside, interoperate.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    def command(name, help_text, **kw):
+        p = sub.add_parser(name, help=help_text, description=help_text, **kw)
+        p.add_argument("--json", action="store_true", help="machine-readable JSON output")
+        return p
+
+    p = command("train", "train a GPT from scratch on text (default: the Python docs that ship with Python)")
+    p.add_argument("--preset", default="tiny", help=f"model preset: {', '.join(PRESETS)} (default: tiny)")
+    p.add_argument("--out", default="runs/default", help="checkpoint directory (default: runs/default)")
+    p.add_argument("--resume", action="store_true", help="continue the run saved in --out exactly where it stopped")
+    p.add_argument("--overwrite", action="store_true", help="replace a checkpoint already in --out")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_dataclass_flags(p, ModelConfig, skip=("vocab_size",), group_title="model (override the preset)")
+    add_dataclass_flags(p, TrainConfig, group_title="training")
+    p.set_defaults(func=cmd_train)
+
+    p = command("generate", "generate text from a checkpoint, a Hugging Face directory or a tutorial .ckpt")
+    p.add_argument("checkpoint")
+    p.add_argument("--prompt", action="append", help="prompt text; repeat for a batch")
+    p.add_argument("--prompt-file", help="read the prompt from a file")
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default: 0.8)")
+    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1]")
+    p.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p x the top probability")
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--presence-penalty", type=float, default=0.0)
+    p.add_argument("--frequency-penalty", type=float, default=0.0)
+    p.add_argument("--no-repeat-ngram-size", type=int, default=0)
+    p.add_argument("--stop", action="append", help="stop string; repeat for several")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--num-beams", type=int, default=1, help="beam search with this many beams")
+    p.add_argument("--length-penalty", type=float, default=1.0)
+    p.add_argument("--early-stopping", action="store_true")
+    p.add_argument("--logprobs", type=int, default=None, metavar="N", help="show token logprobs and N alternatives")
+    p.add_argument("--stream", action="store_true", help="print text as it is generated")
+    p.add_argument("--trace", action="store_true", help="table of each step's top-5 candidates")
+    p.add_argument("--no-cache", action="store_true", help="recompute every step (slow; for checking)")
+    p.add_argument("--window", default="auto", choices=("auto", "roll", "recompute"),
+                   help="past the context: roll the cache (RoPE) or recompute the last context_length tokens")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.set_defaults(func=cmd_generate)
+
+    p = command("inspect", "show config, parameter counts, weight names and shapes, KV-cache size")
+    p.add_argument("checkpoint")
+    p.add_argument("--cache-batch", type=int, default=1, help="batch size for the KV-cache size (default 1)")
+    p.add_argument("--cache-length", type=int, default=None, help="tokens for the KV-cache size (default: context)")
+    p.set_defaults(func=cmd_inspect)
+
+    p = command("eval", "loss, perplexity and bits per byte of a model on text")
+    p.add_argument("checkpoint")
+    p.add_argument("--data", default=None, help="text file, directory or glob (default: the Python docs)")
+    p.add_argument("--context-length", type=int, default=None)
+    p.add_argument("--max-tokens", type=int, default=None, help="score at most this many tokens")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_eval)
+
+    p = command("export", "export a model to another format (Hugging Face: config.json + model.safetensors)")
+    p.add_argument("checkpoint")
+    p.add_argument("out_dir")
+    p.add_argument("--format", default="hf", choices=("hf",))
+    p.set_defaults(func=cmd_export)
+
+    p = command("convert", "convert a tutorial .ckpt or a Hugging Face directory to a tinyformer checkpoint")
+    p.add_argument("source")
+    p.add_argument("out_dir")
+    p.set_defaults(func=cmd_convert)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 2
+    try:
+        return args.func(args) or 0
+    except KeyboardInterrupt:
+        print("tinyformer: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, OSError, KeyError) as error:
+        if os.environ.get("TINYFORMER_DEBUG"):
+            raise
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        print(f"tinyformer {args.command}: error: {message}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
