@@ -1,0 +1,478 @@
+"""Training: next-token cross-entropy with teacher forcing, AdamW, warmup + cosine, evals, checkpoints, exact resume.
+
+`train(model_config, train_config, out_dir)` writes into out_dir: the checkpoint (config.json, model.safetensors,
+tokenizer files, trainer_state.pt), metrics.jsonl (one JSON object per log/eval) and loss.png.
+
+Step counting: `step` is the number of optimizer updates done; step k's update uses lr_at(k - 1). Evaluation happens
+before the first update (step 0), every eval_interval steps and at the end; each eval saves a checkpoint.
+
+Stopping: at the schedule horizon (max_steps; estimated from the measured speed when only time_budget is given;
+DEFAULT_MAX_STEPS when neither is), when the time budget is spent, after step stop_at, or on Ctrl-C. The time budget
+counts the training loop's wall-clock (steps, evals, checkpoints) summed over resumed sessions, not data preparation.
+
+Determinism: on CPU the same config and seed give bit-identical runs, and an interrupted run resumed with
+resume=True continues exactly as if it had never stopped (same losses, bit-identical weights). On CUDA runs are
+reproducible only as far as its kernels are.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import signal
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .checkpoint import CheckpointError, load_checkpoint, load_trainer_state, read_config, save_checkpoint
+from .data import TokenData, load_text
+from .model import GPT, ModelConfig, preset
+from .tokenizers import get_tokenizer
+
+DEFAULT_MAX_STEPS = 2000  # the horizon when neither max_steps nor time_budget is given
+MEASURE_STEPS = 5  # steps timed (after one warm-up step) to turn a time budget into a schedule horizon
+# Fields that may differ between an interrupted run and its resumption without changing the training trajectory.
+SESSION_FIELDS = ("stop_at", "device", "log_interval", "eval_interval", "eval_iters")
+
+
+class TrainError(ValueError):
+    """A training setting or situation that cannot proceed; the message names the value and what is allowed."""
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 32
+    lr: float = 1e-3
+    min_lr: float | None = None  # where the cosine ends; None means lr / 10
+    warmup_steps: int = 100
+    max_steps: int | None = None  # schedule horizon; None: estimated from time_budget, else DEFAULT_MAX_STEPS
+    time_budget: float | None = None  # seconds of training loop
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
+    eval_interval: int = 250
+    eval_iters: int = 20
+    val_fraction: float = 0.1
+    seed: int = 1337
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    log_interval: int = 10
+    stop_at: int | None = None  # stop (and checkpoint) after this step, keeping the schedule horizon
+    tokenizer: str = "char"  # char | bpe:N | cl100k_base
+    data: str | None = None  # file, directory of .txt, glob; None: Python's reference docs
+
+    def __post_init__(self):
+        self.validate()
+
+    @property
+    def final_lr(self) -> float:
+        return self.lr / 10 if self.min_lr is None else self.min_lr
+
+    def validate(self) -> None:
+        def need(ok: bool, msg: str):
+            if not ok:
+                raise TrainError(msg)
+
+        def is_int(v):
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        def is_num(v):
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+        for name in ("batch_size", "eval_interval", "eval_iters", "log_interval"):
+            v = getattr(self, name)
+            need(is_int(v) and v > 0, f"{name} must be a positive integer, got {v!r}")
+        for name in ("max_steps", "stop_at"):
+            v = getattr(self, name)
+            need(v is None or (is_int(v) and v > 0), f"{name} must be a positive integer or None, got {v!r}")
+        need(is_int(self.warmup_steps) and self.warmup_steps >= 0,
+             f"warmup_steps must be a non-negative integer, got {self.warmup_steps!r}")
+        need(is_int(self.seed) and 0 <= self.seed < 2**63, f"seed must be a non-negative integer, got {self.seed!r}")
+        need(is_num(self.lr) and self.lr > 0, f"lr must be a positive number, got {self.lr!r}")
+        need(self.min_lr is None or (is_num(self.min_lr) and 0 <= self.min_lr <= self.lr),
+             f"min_lr must be a number in [0, lr={self.lr!r}] or None, got {self.min_lr!r}")
+        need(self.time_budget is None or (is_num(self.time_budget) and self.time_budget > 0),
+             f"time_budget must be a positive number of seconds or None, got {self.time_budget!r}")
+        for name in ("weight_decay", "grad_clip"):
+            v = getattr(self, name)
+            need(is_num(v) and v >= 0, f"{name} must be a non-negative number, got {v!r}")
+        for name in ("beta1", "beta2"):
+            v = getattr(self, name)
+            need(is_num(v) and 0 <= v < 1, f"{name} must be a number in [0, 1), got {v!r}")
+        need(is_num(self.val_fraction) and 0 < self.val_fraction < 0.5,
+             f"val_fraction must be a number in (0, 0.5), got {self.val_fraction!r}")
+        need(isinstance(self.device, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None,
+             f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        need(isinstance(self.tokenizer, str) and self.tokenizer != "",
+             f"tokenizer must be a spec like char, bpe:2048 or cl100k_base, got {self.tokenizer!r}")
+        need(self.data is None or (isinstance(self.data, str) and self.data != ""),
+             f"data must be a path, a glob or None, got {self.data!r}")
+
+
+def lr_at(step: int, config: TrainConfig, horizon: int | None) -> float:
+    """Linear warmup to lr, then cosine decay to final_lr at `horizon` (held there after; peak while unknown)."""
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    if horizon is None:
+        return config.lr
+    progress = min(1.0, (step - config.warmup_steps) / max(1, horizon - config.warmup_steps))
+    return config.final_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (config.lr - config.final_lr)
+
+
+def make_optimizer(model: nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW that decays only the 2-D weights of Linear layers: not norms, biases or embeddings.
+
+    A tied LM head is the embedding's tensor, so it counts once (named_parameters deduplicates) and is not decayed.
+    """
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    linear = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)} - embeddings
+    params = [p for _, p in model.named_parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if id(p) in linear], "weight_decay": config.weight_decay},
+              {"params": [p for p in params if id(p) not in linear], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2),
+                             fused=True if device.type == "cuda" else None)
+
+
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over every position. Windows of contiguous text hold no padding; a caller
+    that pads should set those targets to -100 (the ignore index), never to the pad id, which may be eos."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: TokenData, batch_size: int, iters: int, seed: int, device) -> float:
+    """Mean held-out loss over `iters` batches from a generator seeded afresh, so every eval sees the same batches
+    and the training RNGs are never touched (eval mode: no dropout draws)."""
+    generator = torch.Generator().manual_seed(seed + 1)
+    was_training = model.training
+    model.eval()
+    total = 0.0
+    for _ in range(iters):
+        x, y = data.batch("val", batch_size, model.config.context_length, generator)
+        total += lm_loss(model(x.to(device)), y.to(device)).item()
+    model.train(was_training)
+    return total / iters
+
+
+def resume_configs(out_dir) -> tuple[ModelConfig, TrainConfig]:
+    """The model and train configs a checkpoint directory was trained with (for a CLI to merge flags into)."""
+    config = read_config(out_dir)
+    if not isinstance(config.get("train"), dict):
+        raise TrainError(f"{out_dir} holds a checkpoint without a train config; it cannot be resumed")
+    return ModelConfig.from_dict(config["model"]), TrainConfig(**config["train"])
+
+
+def train(model_config: ModelConfig | str | None, train_config: TrainConfig | None, out_dir, resume: bool = False,
+          progress: bool = True, log=print, overwrite: bool = False) -> dict:
+    """Train a GPT and checkpoint it into out_dir; return a summary dict (see the end of this function).
+
+    model_config may be a preset name. With resume=True the checkpoint's configs win: pass None to take them as
+    saved, or configs that match them (only SESSION_FIELDS of the train config may differ; vocab_size is ignored).
+    Without resume, an existing checkpoint in out_dir is an error unless overwrite=True. `log` receives one-line
+    messages (None silences them); `progress` shows a tqdm bar.
+    """
+    out = Path(out_dir)
+    if isinstance(model_config, str):
+        model_config = preset(model_config)
+    if out.exists() and not out.is_dir():
+        raise TrainError(f"out_dir {out} is a file, not a directory")
+    state = None
+    if resume:
+        model_config, cfg, model, tokenizer, state = _load_for_resume(out, model_config, train_config)
+        device = _device(cfg.device)
+        text, description = load_text(cfg.data)
+        data_sha = _sha256(text)
+        if data_sha != state.get("data_sha256"):
+            raise TrainError(f"data {cfg.data or 'pydoc'} changed since the checkpoint in {out} was written; "
+                             f"resuming would train on different text")
+    else:
+        if model_config is None:
+            raise TrainError("a new run needs a model config (a ModelConfig or a preset name)")
+        cfg = train_config or TrainConfig()
+        cfg.validate()  # again: a dataclass can be edited after construction
+        device = _device(cfg.device)
+        existing = _existing_step(out)
+        if existing is not None and not overwrite:
+            raise TrainError(f"out_dir {out} already holds a checkpoint (step {existing}); "
+                             f"pass --resume to continue or choose another --out")
+        text, description = load_text(cfg.data)
+        data_sha = _sha256(text)
+        tokenizer = get_tokenizer(cfg.tokenizer, text)
+        model_config = model_config.replace(vocab_size=tokenizer.vocab_size)
+    data = TokenData.from_text(text, tokenizer, cfg.val_fraction, model_config.context_length)
+
+    # Fork the RNGs so training (seeding, dropout) leaves the caller's random state as it was.
+    with torch.random.fork_rng(devices=list(range(torch.cuda.device_count())) if device.type == "cuda" else []):
+        if state is None:
+            torch.manual_seed(cfg.seed)  # the initial weights, then dropout, draw from the global RNG
+            model = GPT(model_config)
+        return _train_loop(model, tokenizer, data, cfg, device, out, state, data_sha, description, progress, log)
+
+
+def _train_loop(model, tokenizer, data, cfg, device, out, state, data_sha, description, progress, log) -> dict:
+    from tqdm.auto import tqdm
+
+    say = tqdm.write if log is print else log or (lambda message: None)  # tqdm.write keeps the bar intact
+    ctx, vocab = model.config.context_length, model.config.vocab_size
+    tokens_per_step = cfg.batch_size * ctx
+    model.to(device).train()
+    optimizer = make_optimizer(model, cfg, device)
+    data_rng = torch.Generator().manual_seed(cfg.seed)  # batches draw from their own generator, not the global one
+    step, history, elapsed_before = 0, [], 0.0
+    horizon = cfg.max_steps or (None if cfg.time_budget else DEFAULT_MAX_STEPS)
+    loss_sum, loss_count = torch.zeros((), device=device), 0  # train loss summed over the current log interval
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        data_rng.set_state(state["data_rng"])
+        torch.set_rng_state(state["torch_rng"])
+        if device.type == "cuda" and state.get("cuda_rng"):
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        step, history, elapsed_before, horizon = state["step"], state["history"], state["elapsed"], state["max_steps"]
+        loss_sum.fill_(state["loss_sum"])
+        loss_count = state["loss_count"]
+
+    out.mkdir(parents=True, exist_ok=True)
+    metrics_path = out / "metrics.jsonl"
+    # Rewrite from the checkpoint's history: a resumed run drops lines logged after its last checkpoint.
+    metrics_path.write_text("".join(json.dumps(r) + "\n" for r in history), encoding="utf-8")
+
+    start = time.perf_counter()
+    paused = paused_total = 0.0  # seconds spent evaluating and saving: not training throughput
+    interval_start = start
+    session_steps, measure_start = 0, None
+
+    def elapsed() -> float:
+        return elapsed_before + time.perf_counter() - start
+
+    def write(record: dict) -> dict:
+        record = {"step": step, "lr": lr_at(max(step - 1, 0), cfg, horizon), "train_loss": None, "val_loss": None,
+                  "val_bpb": None, "tokens_per_s": None, "elapsed": round(elapsed(), 3), **record}
+        history.append(record)
+        with metrics_path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        return record
+
+    def train_record() -> dict:
+        nonlocal interval_start, paused
+        now = time.perf_counter()
+        train_seconds = max(now - interval_start - paused, 1e-9)
+        interval_start, paused = now, 0.0
+        return {"train_loss": loss_sum.item() / loss_count,
+                "tokens_per_s": tokens_per_step * loss_count / train_seconds}
+
+    def eval_record() -> dict:
+        val_loss = evaluate(model, data, cfg.batch_size, cfg.eval_iters, cfg.seed, device)
+        return {"val_loss": val_loss, "val_bpb": data.bits_per_byte(val_loss)}
+
+    def save() -> None:
+        trainer_state = {
+            "optimizer": optimizer.state_dict(), "data_rng": data_rng.get_state(), "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if device.type == "cuda" else None,
+            "max_steps": horizon, "history": history, "elapsed": elapsed(), "loss_sum": loss_sum.item(),
+            "loss_count": loss_count, "data_sha256": data_sha}
+        last_val = next((r for r in reversed(history) if r["val_loss"] is not None), {})
+        save_checkpoint(out, model, tokenizer, train_config=asdict(cfg), trainer_state=trainer_state, step=step,
+                        extra={"data": description, "metrics": {"val_loss": last_val.get("val_loss"),
+                                                                 "val_bpb": last_val.get("val_bpb")}})
+        plot_losses(history, out / "loss.png")
+
+    def eval_and_save(record: dict) -> None:
+        nonlocal paused, paused_total
+        t0 = time.perf_counter()
+        record = write({**record, **eval_record()})
+        save()
+        say(f"step {step}: val loss {record['val_loss']:.4f} ({record['val_bpb']:.3f} bits/byte)"
+            + (f", train loss {record['train_loss']:.4f}" if record["train_loss"] is not None else ""))
+        paused += time.perf_counter() - t0
+        paused_total += time.perf_counter() - t0
+
+    say(f"training {model.num_parameters():,} parameters on {device} from {description}: {len(data.train):,} "
+        f"train / {len(data.val):,} held-out tokens ({tokenizer.spec}, vocab {vocab}) -> {out}")
+    if state is None:
+        eval_and_save({})  # step 0: the untrained model's loss, about ln(vocab)
+    bar = tqdm(total=horizon, initial=step, disable=not progress, unit="step", dynamic_ncols=True)
+    stopped = None
+    with _deferred_interrupt() as interrupt:
+        while stopped is None:
+            if horizon is not None and step >= horizon:
+                stopped = "max_steps"
+            elif cfg.time_budget is not None and elapsed() >= cfg.time_budget:
+                stopped = "time_budget"
+            elif cfg.stop_at is not None and step >= cfg.stop_at:
+                stopped = "stop_at"
+            elif interrupt.is_set():
+                stopped = "interrupt"
+            if stopped:
+                break
+
+            lr = lr_at(step, cfg, horizon)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            x, y = data.batch("train", cfg.batch_size, ctx, data_rng)
+            loss = lm_loss(model(x.to(device)), y.to(device))  # teacher forcing: all positions in parallel
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            step += 1
+            session_steps += 1
+            loss_sum += loss.detach()
+            loss_count += 1
+            bar.update(1)
+
+            # A time budget without max_steps: time a few steps after a warm-up one, then fix the horizon so the
+            # cosine ends when the budget does (evals assumed to cost eval_iters forward passes, ~1/2 step each).
+            if horizon is None and session_steps == 1:
+                measure_start = time.perf_counter()
+            elif horizon is None and session_steps == 1 + MEASURE_STEPS:
+                per_step = (time.perf_counter() - measure_start) / MEASURE_STEPS
+                per_step *= 1 + cfg.eval_iters / (2 * cfg.eval_interval)
+                horizon = step + max(1, int((cfg.time_budget - elapsed()) / per_step))
+                bar.total = horizon
+                bar.refresh()
+                say(f"time budget {cfg.time_budget:g}s at {per_step * 1e3:.1f} ms/step: schedule horizon {horizon} "
+                    f"steps")
+
+            record = {}
+            if step % cfg.log_interval == 0:
+                record = train_record()
+                loss_sum.zero_()
+                loss_count = 0
+                bar.set_postfix(loss=f"{record['train_loss']:.4f}", tok_s=f"{record['tokens_per_s']:,.0f}",
+                                lr=f"{lr:.2e}", refresh=False)
+                if not progress:
+                    say(f"step {step}/{horizon or '?'}: loss {record['train_loss']:.4f}, lr {lr:.2e}, "
+                        f"{record['tokens_per_s']:,.0f} tok/s")
+            if step % cfg.eval_interval == 0:
+                eval_and_save(record)
+            elif record:
+                write(record)
+
+        # The end: log the partial interval (keeping its sums in the checkpoint so a resumed run continues them),
+        # evaluate unless Ctrl-C asked for a quick exit or this step was just evaluated, and checkpoint.
+        record = train_record() if loss_count else {}
+        last = history[-1] if history else {}
+        if stopped == "interrupt" or (last.get("step") == step and last.get("val_loss") is not None):
+            if record:
+                write(record)
+            save()
+        else:
+            eval_and_save(record)
+    bar.close()
+
+    train_records = [r for r in history if r["train_loss"] is not None]
+    val_records = [r for r in history if r["val_loss"] is not None]
+    session_train_seconds = max(time.perf_counter() - start - paused_total, 1e-9)
+    summary = {
+        "steps": step, "max_steps": horizon, "stopped": stopped, "interrupted": stopped == "interrupt",
+        "train_loss": train_records[-1]["train_loss"] if train_records else None,
+        "val_loss": val_records[-1]["val_loss"], "val_bpb": val_records[-1]["val_bpb"],
+        "tokens_per_s": tokens_per_step * session_steps / session_train_seconds if session_steps else None,
+        "seconds": elapsed(), "parameters": model.num_parameters(), "checkpoint": str(out),
+    }
+    say(f"{'interrupted' if stopped == 'interrupt' else 'done'} at step {step} ({stopped}): "
+        f"val loss {summary['val_loss']:.4f}, {summary['val_bpb']:.3f} bits/byte; checkpoint in {out}"
+        + (" (continue with --resume)" if stopped in ("interrupt", "stop_at") else ""))
+    return summary
+
+
+def plot_losses(history: list[dict], path: Path) -> None:
+    """Train and val loss against step, as a PNG written atomically (matplotlib's Agg canvas, no pyplot state)."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.add_subplot()
+    for key, label, marker in (("train_loss", "train", None), ("val_loss", "val", "o")):
+        points = [(r["step"], r[key]) for r in history if r[key] is not None]
+        if points:
+            ax.plot(*zip(*points), label=label, marker=marker, markersize=3)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats per token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    fig.savefig(tmp, format="png", dpi=100)
+    os.replace(tmp, path)
+
+
+def _load_for_resume(out: Path, model_config, train_config):
+    if not (out / "config.json").is_file():
+        raise TrainError(f"cannot resume: out_dir {out} holds no checkpoint (no config.json)")
+    saved_model, saved_train = resume_configs(out)
+    if model_config is not None:
+        diffs = [f"{f.name} {getattr(model_config, f.name)!r} (saved {getattr(saved_model, f.name)!r})"
+                 for f in fields(ModelConfig)
+                 if f.name != "vocab_size" and getattr(model_config, f.name) != getattr(saved_model, f.name)]
+        if diffs:
+            raise TrainError(f"cannot resume {out}: the model config differs from the checkpoint's: "
+                             f"{'; '.join(diffs)}; pass the saved config (or none)")
+    if train_config is None:
+        cfg = TrainConfig(**{**asdict(saved_train), "stop_at": None})
+    else:
+        diffs = [f"{f.name} {getattr(train_config, f.name)!r} (saved {getattr(saved_train, f.name)!r})"
+                 for f in fields(TrainConfig)
+                 if f.name not in SESSION_FIELDS and getattr(train_config, f.name) != getattr(saved_train, f.name)]
+        if diffs:
+            raise TrainError(f"cannot resume {out}: the train config differs from the checkpoint's: "
+                             f"{'; '.join(diffs)}; only {', '.join(SESSION_FIELDS)} may change")
+        cfg = train_config
+    model, tokenizer, config = load_checkpoint(out)
+    state = load_trainer_state(out)
+    if state.get("step") != config.get("step"):
+        raise CheckpointError(f"{out}: trainer_state.pt is from step {state.get('step')} but config.json from step "
+                              f"{config.get('step')} (a save was interrupted)")
+    return saved_model, cfg, model, tokenizer, state
+
+
+def _existing_step(out: Path):
+    """The step of a checkpoint (or of anything checkpoint-like) already in out, else None."""
+    if not any((out / name).exists() for name in ("config.json", "model.safetensors", "trainer_state.pt")):
+        return None
+    try:
+        return json.loads((out / "config.json").read_text("utf-8")).get("step", "?")
+    except (OSError, ValueError, AttributeError):
+        return "?"
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise TrainError(f"device {name!r} asked for but no CUDA GPU is available; use --device cpu or auto")
+    return torch.device(name)
+
+
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+@contextmanager
+def _deferred_interrupt():
+    """Turn the first Ctrl-C into a flag the loop checks between steps, so it stops on a consistent state
+    (never half-way through an optimizer update) and checkpoints. A second Ctrl-C interrupts at once; the last
+    checkpoint is still intact because every save is atomic."""
+    event = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield event  # signals only reach the main thread
+        return
+    previous = signal.getsignal(signal.SIGINT)
+    restore = previous if previous is not None else signal.default_int_handler
+
+    def handler(signum, frame):
+        event.set()
+        signal.signal(signal.SIGINT, restore)
+
+    signal.signal(signal.SIGINT, handler)
+    try:
+        yield event
+    finally:
+        signal.signal(signal.SIGINT, restore)
