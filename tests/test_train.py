@@ -119,8 +119,10 @@ def test_stop_at_then_resume_equals_uninterrupted(log_interval, text_file, refer
                   log=lambda s: None)
     assert first["steps"] == 17 and first["stopped"] == "stop_at"
     assert json.loads((out / "config.json").read_text())["step"] == 17
-    resumed = train(tiny(dropout=0.1), quick(text_file, log_interval=log_interval), out, resume=True,
-                    progress=False, log=lambda s: None)
+    # The second case resumes with the very config that stopped (as a CLI re-reading the saved one does).
+    resumed = train(tiny(dropout=0.1), quick(text_file, log_interval=log_interval,
+                                             stop_at=None if log_interval == 1 else 17),
+                    out, resume=True, progress=False, log=lambda s: None)
     assert resumed["steps"] == 40
     expected, got = train_losses(ref_out), train_losses(out)
     assert {step: got.get(step) for step in expected} == expected

@@ -25,7 +25,7 @@ import signal
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -175,7 +175,8 @@ def train(model_config: ModelConfig | str | None, train_config: TrainConfig | No
     """Train a GPT and checkpoint it into out_dir; return a summary dict (see the end of this function).
 
     model_config may be a preset name. With resume=True the checkpoint's configs win: pass None to take them as
-    saved, or configs that match them (only SESSION_FIELDS of the train config may differ; vocab_size is ignored).
+    saved, or configs that match them (only SESSION_FIELDS of the train config may differ; vocab_size is ignored;
+    a stop_at the checkpoint already reached is dropped, so passing the saved train config back continues).
     Without resume, an existing checkpoint in out_dir is an error unless overwrite=True. `log` receives one-line
     messages (None silences them); `progress` shows a tqdm bar.
     """
@@ -187,6 +188,8 @@ def train(model_config: ModelConfig | str | None, train_config: TrainConfig | No
     state = None
     if resume:
         model_config, cfg, model, tokenizer, state = _load_for_resume(out, model_config, train_config)
+        if cfg.stop_at is not None and cfg.stop_at <= state["step"]:  # the stop that ended the previous session
+            cfg = replace(cfg, stop_at=None)
         device = _device(cfg.device)
         text, description = load_text(cfg.data)
         data_sha = _sha256(text)
