@@ -1,0 +1,22 @@
+"""Interoperability: Hugging Face GPT-2/Llama directories (load and export) and the tutorial's .ckpt format."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..checkpoint import CheckpointError
+from .book import load_book
+from .hf import export_hf, load_hf
+
+
+def convert(src, out_dir, device: str = "cpu") -> Path:
+    """Load any supported source (tinyformer.load) and write it as a native tinyformer checkpoint directory."""
+    from ..api import load
+    from ..checkpoint import save_checkpoint
+
+    lm = load(src, device=device)
+    if lm.tokenizer is None:
+        raise CheckpointError(f"{src} has no tokenizer (no tokenizer.json); a tinyformer checkpoint needs one")
+    return save_checkpoint(out_dir, lm.model, lm.tokenizer, extra={"converted_from": str(src)})
+
+
+__all__ = ["load_hf", "export_hf", "load_book", "convert"]
