@@ -314,3 +314,14 @@ def test_trace_records_top5_and_text_so_far():
             assert len(step.top) == 5 and step.top[0][0] == step.token  # greedy picks the top candidate
             assert step.top[0][1] >= step.top[1][1] and abs(step.prob - step.top[0][1]) < 1e-6
             assert step.text == row.text[:k + 1]
+
+
+def test_sampling_only_draws_allowed_tokens_with_the_right_frequencies():
+    from tinyformer.generation.decode import sample
+
+    logits = torch.tensor([[math.log(0.5), math.log(0.3), math.log(0.15), math.log(0.05)]]).repeat(4000, 1)
+    samplers = [TopK(3), TopP(0.7)]  # top-k keeps 3; top-p then keeps 0.5 and 0.3 (renormalised: 5/8, 3/8)
+    drawn = sample(logits, samplers, History([[]] * 4000), torch.Generator().manual_seed(0))
+    counts = torch.bincount(drawn, minlength=4).tolist()
+    assert counts[2] == counts[3] == 0
+    assert abs(counts[0] / 4000 - 5 / 8) < 0.03

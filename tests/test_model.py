@@ -85,3 +85,31 @@ def test_input_longer_than_context_is_refused_clearly():
     model = tiny_model("tiny", vocab_size=50, context_length=8)
     with pytest.raises(ValueError, match="longer than context_length 8"):
         model(torch.zeros(1, 9, dtype=torch.long))
+
+
+def test_packed_linear_matches_plain_and_never_uses_stale_weights():
+    from tinyformer.model.layers import Linear
+
+    torch.manual_seed(0)
+    layer = Linear(16, 24)
+    x = torch.randn(5, 16)
+    plain = torch.nn.functional.linear(x, layer.weight, layer.bias)
+    layer.pack()
+    with torch.no_grad():
+        assert (layer(x) - plain).abs().max() < 1e-5
+        assert (layer(x[:1]) - plain[:1]).abs().max() < 1e-5
+        layer.weight.mul_(2)  # an in-place update (a training step, load_state_dict) outdates the packed copy
+        assert (layer(x) - torch.nn.functional.linear(x, layer.weight, layer.bias)).abs().max() < 1e-5
+    assert layer(x).requires_grad  # with autograd on, the plain path runs
+
+
+def test_packing_keeps_logits_and_state_dict():
+    model = tiny_model("tiny", vocab_size=50)
+    ids = torch.randint(0, 50, (3, 12))
+    before = model(ids)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    model.pack_for_inference()
+    with torch.no_grad():
+        assert (model(ids) - before).abs().max() < 1e-5
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    assert model.lm_head.weight is model.tok_emb.weight

@@ -12,8 +12,11 @@ class LanguageModel:
     """A loaded model with its tokenizer: `.model` (logits [B, T, V] from input_ids [B, T]), `.tokenizer`,
     `.generate(...)`, and `.source` (what it was loaded from)."""
 
-    def __init__(self, model: torch.nn.Module, tokenizer, config: dict | None = None, source: str = ""):
+    def __init__(self, model: torch.nn.Module, tokenizer, config: dict | None = None, source: str = "",
+                 pack: bool = True):
         self.model, self.tokenizer, self.config, self.source = model, tokenizer, config or {}, source
+        if pack and hasattr(model, "pack_for_inference"):
+            model.pack_for_inference()  # fast CPU decode layout; a no-op for the values
 
     @property
     def device(self) -> torch.device:

@@ -84,8 +84,15 @@ class KVCache:
 
     def select(self, rows: torch.Tensor) -> None:
         """Keep (and reorder) batch rows: beam search reorders beams, finished rows are dropped."""
-        self.k = self.k.index_select(1, rows)
-        self.v = self.v.index_select(1, rows)
+        if len(rows) == self.batch_size:
+            if rows.tolist() == list(range(len(rows))):
+                return
+            used = min(self.length, self.capacity)  # reorder in place, copying only the filled slots
+            self.k[:, :, :, :used] = self.k[:, rows, :, :used]
+            self.v[:, :, :, :used] = self.v[:, rows, :, :used]
+        else:
+            self.k = self.k.index_select(1, rows)
+            self.v = self.v.index_select(1, rows)
         self.key_valid = self.key_valid.index_select(0, rows)
         self.next_position = self.next_position.index_select(0, rows)
         self.padded = self.padded and not bool(self.key_valid[:, :min(self.length, self.capacity)].all())

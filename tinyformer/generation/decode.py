@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from .cache import KVCache
-from .processors import GenerationError, History
+from .processors import GenerationError, History, TopK
 
 
 @dataclass
@@ -25,6 +25,22 @@ class Step:
     tokens: list[int]
     logprobs: list[float] | None = None  # log-probability of each chosen token under the model
     top: list[list[tuple[int, float]]] | None = None  # each row's top-N (token, logprob) alternatives
+
+
+def sample(logits: torch.Tensor, samplers, history: History, generator: torch.Generator) -> torch.Tensor:
+    """Apply the samplers in order and draw one token per row.
+
+    Top-k shrinks the candidates to k columns instead of masking V of them, so the samplers after it (top-p sorts
+    its input) work on k values, not the whole vocabulary.
+    """
+    candidates = None
+    for sampler in samplers:
+        if isinstance(sampler, TopK):
+            logits, candidates = logits.topk(min(sampler.k, logits.shape[-1]), dim=-1)
+        else:
+            logits = sampler(logits, history)
+    choice = torch.multinomial(logits.softmax(-1), 1, generator=generator)
+    return (candidates.gather(1, choice) if candidates is not None else choice).squeeze(1)
 
 
 def left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -117,9 +133,7 @@ class TokenStream:
             if self.greedy:
                 chosen = logits.argmax(-1)
             else:
-                for sampler in self.samplers:
-                    logits = sampler(logits, history)
-                chosen = torch.multinomial(logits.softmax(-1), 1, generator=self.generator).squeeze(1)
+                chosen = sample(logits, self.samplers, history, self.generator)
             tokens = chosen.tolist()
             out = Step(list(active), tokens)
             if logprobs is not None:

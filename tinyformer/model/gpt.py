@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 from .config import ModelConfig
-from .layers import Block, Rotary, make_norm, sinusoidal_table
+from .layers import Block, Linear, Rotary, make_norm, sinusoidal_table
 
 
 class GPT(nn.Module):
@@ -24,7 +24,7 @@ class GPT(nn.Module):
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
         self.norm = make_norm(config)
-        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=config.lm_head_bias)
+        self.lm_head = Linear(config.d_model, config.vocab_size, bias=config.lm_head_bias)
         self.apply(self._init_weights)
         for block in self.blocks:  # GPT-2: scale residual projections by depth so the residual stream stays O(1)
             for proj in (block.attn.o_proj, block.mlp.down):
@@ -45,6 +45,13 @@ class GPT(nn.Module):
     def absolute_positions(self) -> bool:
         """True when positions are added at the input, so a window that slides must be recomputed, not rolled."""
         return self.config.positional != "rope"
+
+    def pack_for_inference(self) -> "GPT":
+        """Lay weights out for fast CPU decoding (see layers.Linear); values, names and shapes are unchanged."""
+        for module in self.modules():
+            if isinstance(module, Linear):
+                module.pack()
+        return self
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -10,6 +10,43 @@ import torch.nn.functional as F
 from .config import ModelConfig
 
 
+class Linear(nn.Linear):
+    """nn.Linear that can pre-pack its weight for fast CPU inference.
+
+    A decode step is a matrix-vector product per weight, so speed is set by how the weight is laid out. `pack()`
+    stores the weight column-major (the transpose contiguous: MKL's fastest layout for x @ W) and, where PyTorch
+    has oneDNN, also as oneDNN's pre-packed blocked format, ~30% faster for 2-32 rows (batches, beams, prompts).
+    The packed copy is used only without autograd and only while the weight is unchanged (its version counter);
+    state_dict, training and every other path see an ordinary nn.Linear.
+    """
+
+    _packed: torch.Tensor | None = None
+    _packed_version: tuple | None = None
+
+    def pack(self) -> None:
+        with torch.no_grad():
+            self.weight.data = self.weight.data.t().contiguous().t()
+        self._packed = None
+        if self.weight.device.type == "cpu" and self.weight.dtype == torch.float32 and _ONEDNN:
+            try:
+                self._packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), 8)
+                self._packed_version = self._weight_version()
+            except (RuntimeError, AttributeError):  # an unusual build: keep the plain path
+                self._packed = None
+
+    def _weight_version(self) -> tuple:
+        return self.weight._version, self.weight.data_ptr()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (self._packed is not None and x.numel() > x.shape[-1] and not torch.is_grad_enabled()
+                and self._packed_version == self._weight_version()):
+            return torch.ops.mkldnn._linear_pointwise(x, self._packed, self.bias, "none", [], "")
+        return F.linear(x, self.weight, self.bias)
+
+
+_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -62,10 +99,10 @@ class Attention(nn.Module):
         super().__init__()
         self.layer_index = layer_index
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.kv_heads, config.hidden_head_dim
-        self.q_proj = nn.Linear(config.d_model, self.n_heads * self.head_dim, bias=config.bias)
-        self.k_proj = nn.Linear(config.d_model, self.n_kv_heads * self.head_dim, bias=config.bias)
-        self.v_proj = nn.Linear(config.d_model, self.n_kv_heads * self.head_dim, bias=config.bias)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.d_model, bias=config.bias)
+        self.q_proj = Linear(config.d_model, self.n_heads * self.head_dim, bias=config.bias)
+        self.k_proj = Linear(config.d_model, self.n_kv_heads * self.head_dim, bias=config.bias)
+        self.v_proj = Linear(config.d_model, self.n_kv_heads * self.head_dim, bias=config.bias)
+        self.o_proj = Linear(self.n_heads * self.head_dim, config.d_model, bias=config.bias)
         self.dropout = config.dropout
         self.last_weights: torch.Tensor | None = None  # filled when record_attention is on
 
@@ -105,10 +142,10 @@ class FeedForward(nn.Module):
         super().__init__()
         self.kind = config.mlp
         self.approximate = config.gelu_approximate
-        self.up = nn.Linear(config.d_model, config.ff_dim, bias=config.bias)
+        self.up = Linear(config.d_model, config.ff_dim, bias=config.bias)
         if self.kind == "swiglu":
-            self.gate = nn.Linear(config.d_model, config.ff_dim, bias=config.bias)
-        self.down = nn.Linear(config.ff_dim, config.d_model, bias=config.bias)
+            self.gate = Linear(config.d_model, config.ff_dim, bias=config.bias)
+        self.down = Linear(config.ff_dim, config.d_model, bias=config.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "swiglu":
