@@ -29,6 +29,7 @@ def _atomic_write(path: Path, write) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         write(tmp)
+        os.chmod(tmp, 0o644)  # some writers create 0600 files; a checkpoint is meant to be shared
         os.replace(tmp, path)
     finally:
         if tmp.exists():
@@ -45,6 +46,8 @@ def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def save_checkpoint(directory, model: GPT, tokenizer: Tokenizer, *, train_config: dict | None = None,
                     trainer_state: dict | None = None, step: int = 0, extra: dict | None = None) -> Path:
+    if tokenizer is None:
+        raise CheckpointError("a checkpoint needs a tokenizer; this model has none (pass one to save_checkpoint)")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     metadata = {"format": FORMAT, "step": str(step)}

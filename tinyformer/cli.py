@@ -65,6 +65,8 @@ def cmd_train(args) -> int:
 
     model_overrides = _given(args, ModelConfig, skip=("vocab_size",))
     train_overrides = _given(args, TrainConfig)
+    if train_overrides.get("data") and os.path.exists(train_overrides["data"]):
+        train_overrides["data"] = os.path.abspath(train_overrides["data"])  # so --resume works from anywhere
     if args.resume:
         saved = read_config(args.out)
         model_config = ModelConfig.from_dict(saved["model"])

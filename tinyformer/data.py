@@ -73,7 +73,7 @@ class TokenData:
 
     def batch(self, split: str, batch_size: int, context_length: int, generator: torch.Generator):
         ids = self.train if split == "train" else self.val
-        starts = torch.randint(len(ids) - context_length - 1 + 1, (batch_size,), generator=generator)
+        starts = torch.randint(len(ids) - context_length, (batch_size,), generator=generator)  # room for +1
         offsets = torch.arange(context_length + 1)
         windows = ids[starts.unsqueeze(1) + offsets].long()
         return windows[:, :-1], windows[:, 1:]

@@ -133,7 +133,9 @@ class HFTokenizer(Tokenizer):
         return cls(HFTok.from_file(str(path)), spec, bos, eos, pad)
 
     def encode(self, text: str) -> list[int]:
-        return self.tok.encode(text, add_special_tokens=False).ids
+        # the tokenizer's own template decides (a Llama tokenizer.json adds <s>, as transformers' tokenizer does;
+        # the BPE we train has no template, so nothing is added)
+        return self.tok.encode(text, add_special_tokens=True).ids
 
     def decode(self, ids, skip_special: bool = True) -> str:
         ids = [int(i) for i in ids]
@@ -250,6 +252,6 @@ def load_tokenizer(directory, entry: dict) -> Tokenizer:
 
 
 def _write_json(path: Path, data) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(data, ensure_ascii=False, indent=1), encoding="utf-8")
     os.replace(tmp, path)
