@@ -61,7 +61,7 @@ def _emit(args, data, text: str | None = None) -> None:
 def cmd_train(args) -> int:
     from .checkpoint import read_config
     from .model import ModelConfig, preset
-    from .train import TrainConfig, train
+    from .train import PRESET_TRAINING, TrainConfig, train
 
     model_overrides = _given(args, ModelConfig, skip=("vocab_size",))
     train_overrides = _given(args, TrainConfig)
@@ -76,7 +76,7 @@ def cmd_train(args) -> int:
         train_config = TrainConfig(**{**(saved.get("train") or {}), **train_overrides})
     else:
         model_config = preset(args.preset, **model_overrides)
-        train_config = TrainConfig(**train_overrides)
+        train_config = TrainConfig(**{**PRESET_TRAINING.get(args.preset, {}), **train_overrides})
     summary = train(model_config, train_config, args.out, resume=args.resume, overwrite=args.overwrite,
                     progress=not args.json and not args.quiet, log=(lambda *a, **k: None) if args.json else print)
     _emit(args, summary, None)
@@ -263,7 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     p = command("train", "train a GPT from scratch on text (default: the Python docs that ship with Python)")
-    p.add_argument("--preset", default="tiny", help=f"model preset: {', '.join(PRESETS)} (default: tiny)")
+    p.add_argument("--preset", default="tiny", help=f"model preset: {', '.join(PRESETS)} (default: tiny); it also "
+                   "sets lr, batch size and warmup unless given (tinyformer.train.PRESET_TRAINING)")
     p.add_argument("--out", default="runs/default", help="checkpoint directory (default: runs/default)")
     p.add_argument("--resume", action="store_true", help="continue the run saved in --out exactly where it stopped")
     p.add_argument("--overwrite", action="store_true", help="replace a checkpoint already in --out")

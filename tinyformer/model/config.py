@@ -88,7 +88,7 @@ class ModelConfig:
 
 PRESETS: dict[str, dict] = {
     # Trains in ~2-3 minutes on two CPU cores and still writes recognisable text.
-    "tiny": dict(d_model=128, n_layers=4, n_heads=4, context_length=128, dropout=0.0,
+    "tiny": dict(d_model=128, n_layers=4, n_heads=4, context_length=64, dropout=0.0,
                  positional="learned", norm="layernorm", mlp="gelu"),
     # The Transformer-from-scratch tutorial's hyper-parameters.
     "book": dict(d_model=80, n_layers=6, n_heads=4, context_length=128, dropout=0.1, positional="sinusoidal",
