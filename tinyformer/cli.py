@@ -99,10 +99,11 @@ def cmd_generate(args) -> int:
             prompts.append(handle.read())
     if not prompts:
         raise ValueError("give a prompt with --prompt TEXT (repeat it for a batch) or --prompt-file FILE")
+    stops = [s.replace("\\n", "\n").replace("\\t", "\t") for s in args.stop or []]  # "\n" typed in a shell
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                    top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
                    presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
-                   no_repeat_ngram_size=args.no_repeat_ngram_size, stop=args.stop, seed=args.seed,
+                   no_repeat_ngram_size=args.no_repeat_ngram_size, stop=stops, seed=args.seed,
                    num_beams=args.num_beams, length_penalty=args.length_penalty, early_stopping=args.early_stopping,
                    use_cache=not args.no_cache, window=args.window)
     if args.stream and not args.json and not args.trace:
@@ -286,7 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--presence-penalty", type=float, default=0.0)
     p.add_argument("--frequency-penalty", type=float, default=0.0)
     p.add_argument("--no-repeat-ngram-size", type=int, default=0)
-    p.add_argument("--stop", action="append", help="stop string; repeat for several")
+    p.add_argument("--stop", action="append", help="stop string (\\n and \\t mean newline and tab); repeatable")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--num-beams", type=int, default=1, help="beam search with this many beams")
     p.add_argument("--length-penalty", type=float, default=1.0)

@@ -26,7 +26,7 @@ def trace_step(tokenizer, step: int, row: int, token: int, logprob: float, top, 
 
 
 def _show(text: str, width: int) -> str:
-    shown = text if text.isprintable() else repr(text)[1:-1]
+    shown = text if text.isprintable() and text.strip() else repr(text)[1:-1]  # make spaces visible too
     return shown if len(shown) <= width else "…" + shown[-(width - 1):]
 
 
