@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 from pathlib import Path
 
 import torch
@@ -137,12 +138,31 @@ def load_checkpoint(directory, device: str | torch.device = "cpu"):
     return model.to(device).eval(), tokenizer, config
 
 
+def safe_torch_load(path: Path):
+    """torch.load(weights_only=True) with one-line errors: a pickle that would run code is refused unexecuted."""
+    if not path.is_file():
+        raise CheckpointError(f"missing file {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        # weights_only refuses any global outside plain tensors/containers before calling it: nothing ran.
+        raise CheckpointError(f"{path}: refusing to load, not a weights-only PyTorch file or corrupted "
+                              f"({_unpickling_reason(error)}); nothing in it was executed") from None
+    except Exception as error:  # noqa: BLE001 - garbage input fails in many ways (KeyError, EOFError, ...)
+        raise CheckpointError(f"{path} is corrupted or truncated ({_unpickling_reason(error)})") from None
+
+
+def _unpickling_reason(error: Exception) -> str:
+    """torch's message is a paragraph: keep the line that says which global or opcode was refused."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    for line in lines:
+        if "GLOBAL" in line or line.startswith("Unsupported"):
+            return line
+    return f"{type(error).__name__}: {lines[0][:200]}" if lines else type(error).__name__
+
+
 def load_trainer_state(directory) -> dict:
     path = Path(directory) / "trainer_state.pt"
     if not path.is_file():
         raise CheckpointError(f"{directory} has no trainer_state.pt to resume from")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001 - any unpickling failure means the file cannot be trusted
-        raise CheckpointError(f"{path} is corrupted or not weights-only ({type(error).__name__}: "
-                              f"{str(error).splitlines()[0][:200]})") from None
+    return safe_torch_load(path)

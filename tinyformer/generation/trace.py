@@ -25,8 +25,10 @@ def trace_step(tokenizer, step: int, row: int, token: int, logprob: float, top, 
                      [(tokenizer.token_text(t), math.exp(lp)) for t, lp in top], text)
 
 
-def _show(text: str, width: int) -> str:
-    shown = text if text.isprintable() and text.strip() else repr(text)[1:-1]  # make spaces visible too
+def _show(text: str, width: int, token: bool = False) -> str:
+    shown = text if text.isprintable() else repr(text)[1:-1]
+    if token:
+        shown = shown.replace(" ", "␣")  # a token's spaces matter: make them visible
     return shown if len(shown) <= width else "…" + shown[-(width - 1):]
 
 
@@ -34,8 +36,8 @@ def format_trace(steps: list[TraceStep], text_width: int = 40) -> str:
     """A plain-text table: step, chosen token and probability, top candidates, text so far."""
     rows = [("step", "row", "chosen", "p", "top candidates", "text so far")]
     for s in steps:
-        top = "  ".join(f"{_show(t, 8)!s}:{p:.2f}" for t, p in s.top)
-        rows.append((str(s.step), str(s.row), _show(s.token, 10), f"{s.prob:.3f}", top, _show(s.text, text_width)))
+        top = "  ".join(f"{_show(t, 8, token=True)}:{p:.2f}" for t, p in s.top)
+        rows.append((str(s.step), str(s.row), _show(s.token, 10, token=True), f"{s.prob:.3f}", top, _show(s.text, text_width)))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))

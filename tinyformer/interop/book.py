@@ -6,15 +6,13 @@ network; the only work is renaming weights and stacking the per-head matrices.
 """
 from __future__ import annotations
 
-import pickle
 from pathlib import Path
 
 import torch
 
-from ..checkpoint import CheckpointError, load_state_into
+from ..checkpoint import CheckpointError, load_state_into, safe_torch_load
 from ..model import GPT, ConfigError, ModelConfig
 from ..tokenizers import TiktokenTokenizer
-from .hf import _unpickling_reason
 
 # Token ids >= V (cl100k ids above the tutorial text's largest) are refused by tinyformer.generation's
 # check_token_ids before the model sees them; GPT.forward itself does not check.
@@ -24,13 +22,7 @@ SHAPING = ("d_model", "num_heads", "num_blocks", "context_length", "max_token_va
 def load_book(path, device="cpu"):
     """(model in eval mode on device, cl100k_base tokenizer, config dict) from the tutorial's .ckpt file."""
     path = Path(path)
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        raise CheckpointError(f"{path}: refusing to load, not a weights-only PyTorch file or corrupted "
-                              f"({_unpickling_reason(error)}); nothing in it was executed") from None
-    except Exception as error:  # noqa: BLE001 - garbage input fails in many ways (KeyError, EOFError, ...)
-        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({_unpickling_reason(error)})") from None
+    data = safe_torch_load(path)
     if not isinstance(data, dict) or set(data) != {"model_state_dict", "h_params"}:
         keys = sorted(data) if isinstance(data, dict) else type(data).__name__
         raise CheckpointError(f"{path} is not a tutorial checkpoint: expected exactly the keys h_params and "

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import shutil
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
-from ..checkpoint import CheckpointError, load_state_into, load_weights
+from ..checkpoint import CheckpointError, load_state_into, load_weights, safe_torch_load
 from ..model import GPT, ConfigError, ModelConfig
 from ..tokenizers import HFTokenizer
 
@@ -139,28 +138,10 @@ def read_hf_weights(directory) -> dict[str, torch.Tensor]:
 
 
 def _torch_load(path: Path) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        raise CheckpointError(f"missing weights file {path}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        # weights_only refuses any global outside plain tensors/containers before calling it: nothing ran.
-        raise CheckpointError(f"{path}: refusing to load, not a weights-only PyTorch file or corrupted "
-                              f"({_unpickling_reason(error)}); nothing in it was executed") from None
-    except Exception as error:  # noqa: BLE001 - garbage input fails in many ways (KeyError, EOFError, ...)
-        raise CheckpointError(f"{path} is corrupted or truncated ({_unpickling_reason(error)})") from None
+    state = safe_torch_load(path)
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path} does not hold a flat dict of tensors")
     return state
-
-
-def _unpickling_reason(error: Exception) -> str:
-    """torch's message is a paragraph: keep the line that says which global or opcode was refused."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    for line in lines:
-        if "GLOBAL" in line or line.startswith("Unsupported"):
-            return line
-    return f"{type(error).__name__}: {lines[0][:200]}" if lines else type(error).__name__
 
 
 class _Weights:
