@@ -139,3 +139,19 @@ def test_corrupted_checkpoint_is_one_clear_line(trained, capsys, tmp_path):
     (broken / "model.safetensors").write_bytes(weights[:100])
     code, _, err = _run(capsys, "generate", str(broken), "--prompt", "x")
     assert code == 1 and "corrupted or truncated" in err and len(err.strip().splitlines()) == 1
+
+
+def test_generate_from_token_ids(trained, capsys):
+    _, out = trained
+    code, stdout, _ = _run(capsys, "generate", str(out), "--prompt", "To be", "--max-new-tokens", "6",
+                           "--temperature", "0", "--json")
+    by_text = json.loads(stdout)
+    from tinyformer import load
+
+    ids = ",".join(map(str, load(out, device="cpu").tokenizer.encode("To be")))
+    code, stdout, _ = _run(capsys, "generate", str(out), "--prompt-ids", ids, "--max-new-tokens", "6",
+                           "--temperature", "0", "--json")
+    by_ids = json.loads(stdout)
+    assert code == 0 and by_ids["token_ids"] == by_text["token_ids"] and by_ids["text"] is None
+    code, _, err = _run(capsys, "generate", str(out), "--prompt-ids", "1,x")
+    assert code == 1 and "comma-separated integers" in err

@@ -97,8 +97,16 @@ def cmd_generate(args) -> int:
     if args.prompt_file:
         with open(args.prompt_file, encoding="utf-8") as handle:
             prompts.append(handle.read())
+    if args.prompt_ids:
+        if prompts:
+            raise ValueError("give text prompts (--prompt, --prompt-file) or --prompt-ids, not both")
+        try:
+            prompts = [[int(t) for t in ids.replace(",", " ").split()] for ids in args.prompt_ids]
+        except ValueError:
+            raise ValueError(f"--prompt-ids takes comma-separated integers, got {args.prompt_ids!r}") from None
     if not prompts:
-        raise ValueError("give a prompt with --prompt TEXT (repeat it for a batch) or --prompt-file FILE")
+        raise ValueError("give a prompt with --prompt TEXT (repeat it for a batch), --prompt-file FILE or "
+                         "--prompt-ids 1,2,3")
     stops = [s.replace("\\n", "\n").replace("\\t", "\t") for s in args.stop or []]  # "\n" typed in a shell
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                    top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
@@ -107,8 +115,8 @@ def cmd_generate(args) -> int:
                    num_beams=args.num_beams, length_penalty=args.length_penalty, early_stopping=args.early_stopping,
                    use_cache=not args.no_cache, window=args.window)
     if args.stream and not args.json and not args.trace:
-        if len(prompts) > 1:
-            raise ValueError("--stream takes one --prompt")
+        if len(prompts) > 1 or not isinstance(prompts[0], str):
+            raise ValueError("--stream takes one text --prompt")
         sys.stdout.write(prompts[0])
         for delta in lm.generate(prompts[0], stream=True, **options):
             sys.stdout.write(delta)
@@ -139,11 +147,16 @@ def cmd_generate(args) -> int:
         if r.trace is not None:
             print(format_trace(r.trace))
             print()
-        print(prompt + r.text)
+        if r.text is None:  # token-id prompt: ids out, and the text when there is a tokenizer
+            print(" ".join(map(str, prompt + r.token_ids)))
+            if lm.tokenizer is not None:
+                print(lm.tokenizer.decode(prompt + r.token_ids))
+        else:
+            print(prompt + r.text)
         if r.score is not None:
             print(f"(score {r.score:.4f})")
             for alt in r.alternatives:
-                print(f"  alt {alt.score:.4f}: {prompt + alt.text!r}")
+                print(f"  alt {alt.score:.4f}: {alt.text if alt.text is not None else alt.token_ids!r}")
         if r.logprobs is not None and not r.trace:
             pieces = [f"{lm.tokenizer.token_text(t)!r}:{lp:.3f}" for t, lp in zip(r.token_ids, r.logprobs)]
             print("logprobs: " + " ".join(pieces))
@@ -278,6 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint")
     p.add_argument("--prompt", action="append", help="prompt text; repeat for a batch")
     p.add_argument("--prompt-file", help="read the prompt from a file")
+    p.add_argument("--prompt-ids", action="append", metavar="IDS",
+                   help="a prompt as token ids, e.g. 464,2068 (for models without a tokenizer); repeatable")
     p.add_argument("--max-new-tokens", type=int, default=200)
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default: 0.8)")
     p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
