@@ -74,14 +74,22 @@ def is_checkpoint(path) -> bool:
         return False
 
 
-def read_config(directory) -> dict:
-    path = Path(directory) / "config.json"
+def read_json_object(path: Path, missing: str | None = None) -> dict:
+    """A JSON file that must hold an object, with one-line errors for missing, corrupted or wrong-shaped files."""
     if not path.is_file():
-        raise CheckpointError(f"{directory} is not a checkpoint: no config.json")
+        raise CheckpointError(missing or f"missing {path}")
     try:
-        config = json.loads(path.read_text("utf-8"))
+        data = json.loads(path.read_text("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise CheckpointError(f"{path} is corrupted: {error}") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} is corrupted: not a JSON object")
+    return data
+
+
+def read_config(directory) -> dict:
+    path = Path(directory) / "config.json"
+    config = read_json_object(path, f"{directory} is not a checkpoint: no config.json")
     if config.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a tinyformer checkpoint (format {config.get('format')!r})")
     return config

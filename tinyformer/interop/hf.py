@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from ..checkpoint import CheckpointError, load_state_into, load_weights, safe_torch_load
+from ..checkpoint import CheckpointError, load_state_into, load_weights, read_json_object, safe_torch_load
 from ..model import GPT, ConfigError, ModelConfig
 from ..tokenizers import HFTokenizer
 
@@ -30,7 +30,7 @@ GPT2_ACTIVATIONS = {"gelu_new": ("gelu", "tanh"), "gelu_pytorch_tanh": ("gelu", 
 def load_hf(path, device="cpu"):
     """(model in eval mode on device, tokenizer or None, config dict) from a local Hugging Face directory."""
     path = Path(path)
-    hf = _read_json(path / "config.json")
+    hf = read_json_object(path / "config.json")
     model_type = hf.get("model_type")
     if model_type not in ARCHITECTURES:
         raise CheckpointError(f"{path}: unsupported model_type {model_type!r} (architectures "
@@ -52,18 +52,6 @@ def load_hf(path, device="cpu"):
     load_state_into(model, state, path)
     info = {"format": "hf", "model_type": model_type, "model": config.to_dict(), "source": str(path)}
     return model.to(device).eval(), _hf_tokenizer(path, hf), info
-
-
-def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        raise CheckpointError(f"missing {path}")
-    try:
-        data = json.loads(path.read_text("utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise CheckpointError(f"{path} is not valid JSON: {error}") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path} is not a JSON object")
-    return data
 
 
 def _gpt2_config(hf: dict) -> ModelConfig:
@@ -124,7 +112,7 @@ def read_hf_weights(directory) -> dict[str, torch.Tensor]:
     for index_name, read in (("model.safetensors.index.json", lambda p: load_weights(p)[0]),
                              ("pytorch_model.bin.index.json", _torch_load)):
         if (directory / index_name).is_file():
-            weight_map = _read_json(directory / index_name).get("weight_map")
+            weight_map = read_json_object(directory / index_name).get("weight_map")
             if not isinstance(weight_map, dict):
                 raise CheckpointError(f"{directory / index_name} has no weight_map")
             state = {}
@@ -252,7 +240,7 @@ def _hf_tokenizer(path: Path, hf: dict):
         if isinstance(token_id, int):
             names[role] = tok.id_to_token(token_id)
     for extra in ("special_tokens_map.json", "tokenizer_config.json"):
-        data = _read_json(path / extra) if (path / extra).is_file() else {}
+        data = read_json_object(path / extra) if (path / extra).is_file() else {}
         for role in ("bos", "eos", "pad"):
             value = data.get(f"{role}_token")
             value = value.get("content") if isinstance(value, dict) else value
