@@ -45,6 +45,15 @@ def add_dataclass_flags(parser, cls, skip=(), group_title=None, help_texts=None)
             group.add_argument(flag, dest=field.name, type=kind, default=None, metavar=field.name.upper(), help=text)
 
 
+def add_precision_flags(parser, purpose: str = "run the model in this precision") -> None:
+    from .model.quant import DTYPES, QUANTIZATIONS
+
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default=None,
+                        help=f"{purpose}: cast the weights (default: as saved, usually float32)")
+    parser.add_argument("--quantize", choices=QUANTIZATIONS, default=None,
+                        help=f"{purpose}: int8 weight matrices, CPU only (default: as saved)")
+
+
 def _given(args, cls, skip=()) -> dict:
     return {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)
             if f.name not in skip and getattr(args, f.name, None) is not None}
@@ -92,7 +101,7 @@ def cmd_generate(args) -> int:
     from .api import load
     from .generation import format_trace
 
-    lm = load(args.checkpoint, device=args.device)
+    lm = load(args.checkpoint, device=args.device, dtype=args.dtype, quantize=args.quantize)
     prompts = list(args.prompt or [])
     if args.prompt_file:
         with open(args.prompt_file, encoding="utf-8") as handle:
@@ -169,8 +178,9 @@ def cmd_inspect(args) -> int:
 
     from .api import load
     from .generation import kv_cache_bytes
+    from .model.quant import precision, weight_bytes
 
-    lm = load(args.checkpoint, device="cpu")
+    lm = load(args.checkpoint, device="cpu", dtype=args.dtype, quantize=args.quantize)
     model = lm.model
     config = model.config
     total = model.num_parameters()
@@ -183,17 +193,21 @@ def cmd_inspect(args) -> int:
         top = name.split(".")[0] if not name.startswith("blocks.") else ".".join(name.split(".")[:2])
         modules[top] = modules.get(top, 0) + param.numel()
     state = {k: list(v.shape) for k, v in model.state_dict().items()}
-    dtype = next(model.parameters()).dtype
+    dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
     length = args.cache_length or config.context_length
+    weights = weight_bytes(model)
     cache = kv_cache_bytes(config, args.cache_batch, length, dtype)
     data = {"source": lm.source, "model": config.to_dict(), "parameters": total, "modules": modules,
+            "precision": precision(model), "weight_bytes": weights,
             "tokenizer": getattr(lm.tokenizer, "spec", None), "state_dict": state,
             "kv_cache": {"batch": args.cache_batch, "length": length, "bytes": cache,
                          "formula": "2 x layers x kv_heads x head_dim x length x batch x bytes"},
             "train": lm.config.get("train"), "step": lm.config.get("step")}
     lines = [f"source: {lm.source}", f"tokenizer: {data['tokenizer']} (vocab {config.vocab_size})", "config:"]
     lines += [f"  {k} = {v}" for k, v in config.to_dict().items()]
-    lines += [f"parameters: {total:,}", "per module:"]
+    lines += [f"parameters: {total:,}", f"precision: {precision(model)['dtype']}"
+              + (f", {precision(model)['quantize']} matrices" if precision(model)["quantize"] else ""),
+              f"weights: {weights:,} bytes ({weights / 2**20:.2f} MiB)", "per module:"]
     lines += [f"  {k:<16}{v:>14,}" for k, v in modules.items()]
     lines += [f"KV cache for batch {args.cache_batch} x {length} tokens ({str(dtype).replace('torch.', '')}): "
               f"{cache:,} bytes ({cache / 2**20:.2f} MiB) = 2 x {config.n_layers} layers x {config.kv_heads} kv heads"
@@ -214,7 +228,7 @@ def cmd_eval(args) -> int:
     from .api import load
     from .data import load_text
 
-    lm = load(args.checkpoint, device=args.device)
+    lm = load(args.checkpoint, device=args.device, dtype=args.dtype, quantize=args.quantize)
     if lm.tokenizer is None:
         raise ValueError(f"{args.checkpoint} has no tokenizer to read text with")
     text, description = load_text(args.data)
@@ -256,7 +270,7 @@ def cmd_export(args) -> int:
 def cmd_convert(args) -> int:
     from .interop import convert
 
-    out = convert(args.source, args.out_dir)
+    out = convert(args.source, args.out_dir, dtype=args.dtype, quantize=args.quantize)
     _emit(args, {"source": args.source, "out_dir": str(out)}, f"converted {args.source} -> {out}")
     return 0
 
@@ -314,12 +328,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--window", default="auto", choices=("auto", "roll", "recompute"),
                    help="past the context: roll the cache (RoPE) or recompute the last context_length tokens")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    add_precision_flags(p)
     p.set_defaults(func=cmd_generate)
 
     p = command("inspect", "show config, parameter counts, weight names and shapes, KV-cache size")
     p.add_argument("checkpoint")
     p.add_argument("--cache-batch", type=int, default=1, help="batch size for the KV-cache size (default 1)")
     p.add_argument("--cache-length", type=int, default=None, help="tokens for the KV-cache size (default: context)")
+    add_precision_flags(p)
     p.set_defaults(func=cmd_inspect)
 
     p = command("eval", "loss, perplexity and bits per byte of a model on text")
@@ -328,6 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context-length", type=int, default=None)
     p.add_argument("--max-tokens", type=int, default=None, help="score at most this many tokens")
     p.add_argument("--device", default="auto")
+    add_precision_flags(p)
     p.set_defaults(func=cmd_eval)
 
     p = command("export", "export a model to another format (Hugging Face: config.json + model.safetensors)")
@@ -339,6 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("convert", "convert a tutorial .ckpt or a Hugging Face directory to a tinyformer checkpoint")
     p.add_argument("source")
     p.add_argument("out_dir")
+    add_precision_flags(p, "store the weights in this precision (quantize once, load fast)")
     p.set_defaults(func=cmd_convert)
     return parser
 

@@ -8,6 +8,7 @@ import torch.nn as nn
 
 from .config import ModelConfig
 from .layers import Block, Linear, Rotary, make_norm, sinusoidal_table
+from .quant import pack
 
 
 class GPT(nn.Module):
@@ -48,10 +49,7 @@ class GPT(nn.Module):
 
     def pack_for_inference(self) -> "GPT":
         """Lay weights out for fast CPU decoding (see layers.Linear); values, names and shapes are unchanged."""
-        for module in self.modules():
-            if isinstance(module, Linear):
-                module.pack()
-        return self
+        return pack(self)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
