@@ -258,12 +258,22 @@ def cmd_eval(args) -> int:
 # ---------------------------------------------------------------- export / convert
 def cmd_export(args) -> int:
     from .api import load
-    from .interop.hf import export_hf
 
     lm = load(args.checkpoint, device="cpu")
-    notes = export_hf(lm.model, lm.tokenizer, args.out_dir) or []
-    _emit(args, {"out_dir": args.out_dir, "format": args.format, "notes": list(notes)},
-          "\n".join([f"exported {args.checkpoint} -> {args.out_dir} (Hugging Face format)", *notes]))
+    if args.format == "gguf":
+        from .interop.gguf import export_gguf
+
+        notes = export_gguf(lm.model, lm.tokenizer, args.out, quantize=args.quantize or "f32")
+        what = f"GGUF, {args.quantize or 'f32'}"
+    else:
+        from .interop.hf import export_hf
+
+        if args.quantize:
+            raise ValueError("--quantize is for --format gguf; Hugging Face export writes the model's own dtype")
+        notes = export_hf(lm.model, lm.tokenizer, args.out) or []
+        what = "Hugging Face format"
+    _emit(args, {"out_dir": args.out, "format": args.format, "quantize": args.quantize, "notes": list(notes)},
+          "\n".join([f"exported {args.checkpoint} -> {args.out} ({what})", *notes]))
     return 0
 
 
@@ -347,10 +357,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_precision_flags(p)
     p.set_defaults(func=cmd_eval)
 
-    p = command("export", "export a model to another format (Hugging Face: config.json + model.safetensors)")
+    p = command("export", "export a model to another format: Hugging Face (config.json + model.safetensors) or "
+                          "GGUF (one file for llama.cpp, ollama, LM Studio)")
     p.add_argument("checkpoint")
-    p.add_argument("out_dir")
-    p.add_argument("--format", default="hf", choices=("hf",))
+    p.add_argument("out", help="output directory (hf) or file (gguf)")
+    p.add_argument("--format", default="hf", choices=("hf", "gguf"))
+    p.add_argument("--quantize", default=None, choices=("f32", "f16", "q8_0"),
+                   help="GGUF weight matrices' type (default: f32)")
     p.set_defaults(func=cmd_export)
 
     p = command("convert", "convert a tutorial .ckpt or a Hugging Face directory to a tinyformer checkpoint")
