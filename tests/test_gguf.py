@@ -11,7 +11,9 @@ from tinyformer.cli import main
 from tinyformer.interop.gguf import export_gguf
 from tinyformer.model import quant
 
-from .helpers import char_lm, tiny_model
+from tinyformer import LanguageModel, get_tokenizer
+
+from .helpers import SAMPLE_TEXT, char_lm, tiny_model
 
 gguf = pytest.importorskip("gguf")
 
@@ -146,10 +148,12 @@ def test_cli_export_gguf(tmp_path, capsys):
     assert "--quantize is for --format gguf" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("kind", ["tiny", "llama-tiny"])
-def test_llama_cpp_greedy_tokens_equal_ours(tmp_path, kind):
+@pytest.mark.parametrize("kind, text", [("tiny", SAMPLE_TEXT), ("llama-tiny", SAMPLE_TEXT),
+                                        ("tiny", "First Citizen:\nBefore we proceed, hear me speak.")])  # ASCII only
+def test_llama_cpp_greedy_tokens_equal_ours(tmp_path, kind, text):
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python not installed (pip install -e '.[bench]')")
-    lm = char_lm(kind, seed=5, d_model=64, n_layers=2, context_length=64)
+    tokenizer = get_tokenizer("char", text)
+    lm = LanguageModel(tiny_model(kind, tokenizer.vocab_size, seed=5, d_model=64, context_length=64), tokenizer)
     export_gguf(lm.model, lm.tokenizer, tmp_path / "m.gguf")
     llm = llama_cpp.Llama(str(tmp_path / "m.gguf"), n_ctx=64, n_threads=1, verbose=False, logits_all=False)
     prompt = lm.tokenizer.encode("First Citizen:\nBefore we")

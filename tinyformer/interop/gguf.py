@@ -145,7 +145,9 @@ def _add_tokenizer(writer, tokenizer, vocab_size: int) -> str | None:
                 merges.append(f"{pieces[-1]} {_byte_level(bytes([byte]))}")
                 pieces.append(pieces[-1] + _byte_level(bytes([byte])))
             tokens.append(_byte_level(data))
-        merges = list(dict.fromkeys(merges))
+        # llama.cpp refuses a BPE vocabulary without merges. An ASCII-only vocabulary gets one whose result is no
+        # token: llama.cpp spells a merged piece it cannot find byte by byte, so it changes nothing.
+        merges = list(dict.fromkeys(merges)) or [f"{_byte_level(b'{')} {_byte_level(b'}')}"]
         if _byte_level(b"\n") not in tokens:  # llama.cpp looks the newline token up at load time
             return _no_tokenizer(writer, tokenizer, "has no newline token, which llama.cpp requires")
     else:
