@@ -153,3 +153,23 @@ def test_cli_inspect_reports_weight_bytes_and_convert_quantizes_once(tmp_path, c
     assert main(["inspect", str(tmp_path / "ckpt"), "--dtype", "bfloat16", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["weight_bytes"] == 2 * lm.model.num_parameters()
     assert main(["eval", str(tmp_path / "int8"), "--data", str(tmp_path / "int8" / "config.json"), "--json"]) == 0
+
+
+@pytest.mark.parametrize("dtype, quantize", [(None, None), ("bfloat16", None), (None, "int8")])
+def test_fused_qkv_is_bit_identical_to_separate_projections(dtype, quantize):
+    """Packing runs q, k and v as one product; every output column is the same dot product, so logits must be
+    exactly equal (float32 at one row and several), and an in-place weight change must not be missed."""
+    fused = quant.set_precision(tiny_model("tiny", vocab_size=64, d_model=64), dtype, quantize)
+    separate = copy.deepcopy(fused)
+    quant.pack(fused)
+    for layer in quant.linears(separate):
+        layer.pack()
+    assert fused.blocks[0].attn._qkv.kernel is not None and separate.blocks[0].attn._qkv is None
+    for ids in (torch.tensor([[5]]), torch.randint(0, 64, (3, 20), generator=torch.Generator().manual_seed(0))):
+        assert torch.equal(logits(fused, ids), logits(separate, ids))
+    if quantize is None:
+        with torch.no_grad():
+            for model in (fused, separate):
+                model.blocks[1].attn.k_proj.weight.mul_(3)  # what a training step or load_state_dict does
+        ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(1))
+        assert torch.equal(logits(fused, ids), logits(separate, ids))

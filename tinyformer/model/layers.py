@@ -8,7 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ModelConfig
-from .quant import int8_linear, make_kernel, quantize_int8
+from .quant import FusedLinears, int8_linear, make_kernel, quantize_int8
 
 
 class Linear(nn.Linear):
@@ -115,12 +115,18 @@ class Attention(nn.Module):
         self.o_proj = Linear(self.n_heads * self.head_dim, config.d_model, bias=config.bias)
         self.dropout = config.dropout
         self.last_weights: torch.Tensor | None = None  # filled when record_attention is on
+        self._qkv: FusedLinears | None = None
+
+    def pack(self) -> None:
+        """After the Linears are packed (quant.pack): q, k and v as one product."""
+        self._qkv = FusedLinears([self.q_proj, self.k_proj, self.v_proj])
 
     def forward(self, x, rope, mask, cache, record_attention: bool = False):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = self._qkv(x) if self._qkv is not None else (self.q_proj(x), self.k_proj(x), self.v_proj(x))
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         if rope is not None:
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         if cache is not None:

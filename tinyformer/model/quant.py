@@ -77,9 +77,15 @@ def set_precision(model: nn.Module, dtype: str | None = None, quantize: str | No
 
 
 def pack(model: nn.Module) -> nn.Module:
-    """Build every Linear's fast kernel (see layers.Linear.pack); values, names and shapes are unchanged."""
+    """Build every Linear's fast kernel (see layers.Linear.pack), then let modules fuse their Linears (e.g.
+    Attention's q, k, v); values, names and shapes are unchanged."""
+    from .layers import Linear
+
     for m in linears(model):
         m.pack()
+    for m in model.modules():
+        if hasattr(m, "pack") and not isinstance(m, Linear):
+            m.pack()
     return model
 
 
@@ -161,6 +167,40 @@ class Int8Kernel:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         y = torch.ops.quantized.linear_dynamic(x.reshape(-1, x.shape[-1]).float(), self.packed, True)
         return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
+
+
+class FusedLinears:
+    """Linears that read the same input run as one matrix product: one kernel call and (int8) one activation
+    quantization instead of several; in a GPT-2-124M decode step this saves 24 of 49 matrix calls. Each output
+    column is the same dot product as in its own layer. Used only while no weight changed; else each layer runs."""
+
+    def __init__(self, layers):
+        self.layers, self.sizes = list(layers), [layer.out_features for layer in layers]
+        weights = [layer.weight.detach() for layer in self.layers]
+        biases = [layer.bias.detach() if layer.bias is not None else torch.zeros(n, dtype=w.dtype, device=w.device)
+                  for layer, w, n in zip(self.layers, weights, self.sizes)]
+        scales = [layer.weight_scale for layer in self.layers]
+        self.kernel = None
+        if len({(w.dtype, w.device) for w in weights}) == 1 and (all(s is None for s in scales)
+                                                                 or all(s is not None for s in scales)):
+            weight = torch.cat(weights)
+            if weight.is_floating_point():
+                weight = weight.t().contiguous().t()  # column-major, as Linear.pack lays out
+            has_bias = any(layer.bias is not None for layer in self.layers)
+            self.kernel = make_kernel(weight, torch.cat(biases) if has_bias else None,
+                                      torch.cat(scales) if scales[0] is not None else None)
+        self.versions = self._versions()
+        if self.kernel is not None:
+            for layer in self.layers:  # their own kernels would only ever run when the fused one is stale too
+                layer._kernel = None
+
+    def _versions(self) -> list:
+        return [layer._weight_version() for layer in self.layers]
+
+    def __call__(self, x: torch.Tensor):
+        if self.kernel is None or torch.is_grad_enabled() or self._versions() != self.versions:
+            return [layer(x) for layer in self.layers]
+        return self.kernel(x).split(self.sizes, dim=-1)
 
 
 def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
