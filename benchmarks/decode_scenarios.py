@@ -19,20 +19,7 @@ import time
 
 import torch
 
-
-def copy_bandwidth(megabytes: int = 256, repeats: int = 8) -> float:
-    """Bytes per second moved by a large tensor copy (read + write), best of several."""
-    src = torch.ones(megabytes * 2**20 // 4)
-    dst = torch.empty_like(src)
-    dst.copy_(src)
-    best = min(_timed(lambda: dst.copy_(src)) for _ in range(repeats))
-    return 2 * src.numel() * 4 / best
-
-
-def _timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
+from decode import _timed, copy_bandwidth  # benchmarks/ is on sys.path when either script runs
 
 
 def build_models(seed: int):

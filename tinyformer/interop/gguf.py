@@ -145,15 +145,17 @@ def _add_tokenizer(writer, tokenizer, vocab_size: int) -> str | None:
                 merges.append(f"{pieces[-1]} {_byte_level(bytes([byte]))}")
                 pieces.append(pieces[-1] + _byte_level(bytes([byte])))
             tokens.append(_byte_level(data))
-        # llama.cpp refuses a BPE vocabulary without merges. An ASCII-only vocabulary gets one whose result is no
-        # token: llama.cpp spells a merged piece it cannot find byte by byte, so it changes nothing.
-        merges = list(dict.fromkeys(merges)) or [f"{_byte_level(b'{')} {_byte_level(b'}')}"]
+        merges = list(dict.fromkeys(merges))
         if _byte_level(b"\n") not in tokens:  # llama.cpp looks the newline token up at load time
             return _no_tokenizer(writer, tokenizer, "has no newline token, which llama.cpp requires")
     else:
         return _no_tokenizer(writer, tokenizer, "cannot be written as GGUF byte-level BPE")
     if any(t is None for t in tokens) or len(set(tokens)) != len(tokens):
         return _no_tokenizer(writer, tokenizer, "does not name every id exactly once")
+    # llama.cpp refuses a BPE vocabulary without merges (an ASCII-only char vocabulary, a placeholder vocabulary):
+    # it gets one whose result is no token; llama.cpp spells a merged piece it cannot find byte by byte, so it
+    # changes nothing.
+    merges = merges or [f"{_byte_level(b'{')} {_byte_level(b'}')}"]
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre("gpt-2")
     writer.add_token_list(tokens)

@@ -6,21 +6,21 @@ float32 scale per output row (symmetric, scale = max |w| / 127). Embeddings and 
 stay ordinary tensors in the state dict (`X.weight` int8 + `X.weight_scale`), so a quantized model is saved and
 loaded like any other (safetensors).
 
-The kernel per precision was chosen by timing every candidate on GPT-2-124M's 49 weight matrices at 1 and 8 rows
-(2-core AMD EPYC with AVX2, torch 2.13; issue 9 has the same candidates timed on an AVX-512 machine):
-- float32: one row through column-major weights (MKL's fastest layout for a matrix-vector product), several rows
-  through oneDNN's pre-packed blocked weights.
+The kernel per precision was chosen by timing the candidates on GPT-2-124M's 49 weight matrices, one token's worth
+(ms for all 49 at 1 row / 8 rows; 2-core AMD EPYC VM with AVX2 but no AVX-512, torch 2.13, one thread so that
+OpenMP wake-ups, which cost ~12 ms each on this VM, do not hide the kernels; issue 9 has an AVX-512 machine's):
+- float32: column-major F.linear 19.4 / 88.8, oneDNN pre-packed 23.0 / 55.8: one row column-major, several rows
+  pre-packed.
 - bfloat16 / float16: fbgemm's float16 kernel (`linear_dynamic_fp16`: weights packed as float16, float32
-  accumulation). It beat oneDNN's pre-packed bfloat16 on the AVX-512 machine (8.0 vs 8.9 ms per token) and is the
-  only fast one without AVX-512 (oneDNN refuses bfloat16 there; `F.linear` in bfloat16 is ~20x slower than float32).
+  accumulation) 16.4 / 33.9. F.linear in bfloat16 is 10-20x slower than float32 without AVX-512, and oneDNN refuses
+  to pre-pack bfloat16 there; on the AVX-512 machine fbgemm float16 still beat pre-packed bfloat16 (8.0 vs 8.9 ms).
   Every bfloat16 weight is exactly a float16 value unless |w| < 6e-5 (float16 subnormals: absolute error < 6e-8).
-- int8: fbgemm's dynamically quantized linear (`quantized.linear_dynamic`: activations quantized per call to uint8,
-  int8 weights, int32 accumulation), 4-5x faster than float32 at one row. The alternatives measured slower:
-  `aten._weight_int8pack_mm` (dequantizes per call: ~1.5x fbgemm with bfloat16 activations and ~50x with float32
-  ones) and torchao 0.18's int8 configs (on CPU they fall back to dequantize + matmul: slower than float32).
-  fbgemm is reached through torch's quantized-tensor API, deprecated in 2.13 with no CPU successor yet, so the
-  deprecation warning is silenced where we build its packed weight, and `_weight_int8pack_mm` (plain tensors)
-  runs wherever fbgemm is missing.
+- int8: fbgemm's dynamically quantized linear (`quantized.linear_dynamic`: activations quantized per call to
+  uint8, int8 weights, int32 accumulation) 11.9 / 22.6. Slower: `aten._weight_int8pack_mm` (plain tensors,
+  weight-only) 19.6 / 68.3 with bfloat16 activations; with float32 ones, and torchao 0.18's int8 configs, were
+  50-70x slower than fbgemm at one row in a (busy) two-thread run. fbgemm is reached through torch's quantized-tensor API,
+  deprecated in 2.13 with no CPU successor yet, so its deprecation warning is silenced where we build the packed
+  weight, and `_weight_int8pack_mm` runs wherever fbgemm is missing or autograd is on.
 """
 from __future__ import annotations
 
