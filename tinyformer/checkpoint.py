@@ -15,7 +15,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .model import GPT, ConfigError, ModelConfig
+from .model import ConfigError, ModelConfig, build_model
 from .tokenizers import Tokenizer, TokenizerError, load_tokenizer
 
 FORMAT = "tinyformer"
@@ -45,8 +45,11 @@ def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def save_checkpoint(directory, model: GPT, tokenizer: Tokenizer, *, train_config: dict | None = None,
-                    trainer_state: dict | None = None, step: int = 0, extra: dict | None = None) -> Path:
+def save_checkpoint(directory, model, tokenizer: Tokenizer, *, train_config: dict | None = None,
+                    trainer_state: dict | None = None, step: int = 0, extra: dict | None = None,
+                    source_tokenizer: Tokenizer | None = None) -> Path:
+    """Write model, tokenizer(s) and configs; a seq2seq model with its own source tokenizer keeps it in
+    source_tokenizer/."""
     if tokenizer is None:
         raise CheckpointError("a checkpoint needs a tokenizer; this model has none (pass one to save_checkpoint)")
     directory = Path(directory)
@@ -56,9 +59,12 @@ def save_checkpoint(directory, model: GPT, tokenizer: Tokenizer, *, train_config
     if trainer_state is not None:
         _atomic_write(directory / "trainer_state.pt", lambda p: torch.save({**trainer_state, "step": step}, p))
     tokenizer_entry = tokenizer.save(directory)
-    config = {"format": FORMAT, "format_version": FORMAT_VERSION, "architecture": "gpt", "step": step,
-              "model": model.config.to_dict(), "tokenizer": tokenizer_entry, "train": train_config,
-              **(extra or {})}
+    config = {"format": FORMAT, "format_version": FORMAT_VERSION, "architecture": model.config.architecture,
+              "step": step, "model": model.config.to_dict(), "tokenizer": tokenizer_entry, "train": train_config}
+    if source_tokenizer is not None:
+        (directory / "source_tokenizer").mkdir(exist_ok=True)
+        config["source_tokenizer"] = source_tokenizer.save(directory / "source_tokenizer")
+    config.update(extra or {})
     _atomic_write(directory / "config.json",
                   lambda p: p.write_text(json.dumps(config, indent=2, ensure_ascii=False), encoding="utf-8"))
     return directory
@@ -135,15 +141,26 @@ def load_checkpoint(directory, device: str | torch.device = "cpu"):
     try:
         model_config = ModelConfig.from_dict(config["model"])
         tokenizer = load_tokenizer(directory, config["tokenizer"])
+
     except (KeyError, TypeError, ConfigError, TokenizerError, OSError, json.JSONDecodeError) as error:
         raise CheckpointError(f"{directory}/config.json is invalid: {error}") from None
     state, metadata = load_weights(directory / "model.safetensors")
     if metadata.get("step") is not None and metadata["step"] != str(config.get("step")):
         raise CheckpointError(f"{directory}: model.safetensors is from step {metadata['step']} but config.json "
                               f"from step {config.get('step')} (a save was interrupted)")
-    model = GPT(model_config)
+    model = build_model(model_config)
     load_state_into(model, state, directory)
     return model.to(device).eval(), tokenizer, config
+
+
+def load_source_tokenizer(directory, config: dict) -> Tokenizer | None:
+    """A seq2seq checkpoint's own source tokenizer (None when source and target share one)."""
+    if not config.get("source_tokenizer"):
+        return None
+    try:
+        return load_tokenizer(Path(directory) / "source_tokenizer", config["source_tokenizer"])
+    except (KeyError, TypeError, TokenizerError, OSError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"{directory}/config.json has an invalid source_tokenizer: {error}") from None
 
 
 def safe_torch_load(path: Path):

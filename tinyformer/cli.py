@@ -28,7 +28,7 @@ def _flag_type(field: dataclasses.Field):
     return hint
 
 
-def add_dataclass_flags(parser, cls, skip=(), group_title=None, help_texts=None):
+def add_dataclass_flags(parser, cls, skip=(), group_title=None, help_texts=None, aliases=None, choices=None):
     """Every field of cls becomes --field-name; unset flags stay None so saved or preset values win."""
     group = parser.add_argument_group(group_title) if group_title else parser
     for field in dataclasses.fields(cls):
@@ -39,10 +39,15 @@ def add_dataclass_flags(parser, cls, skip=(), group_title=None, help_texts=None)
         default = field.default if field.default is not dataclasses.MISSING else None
         text = (help_texts or {}).get(field.name, "")
         text = f"{text} (default: {default})" if text else f"default: {default}"
+        flags = [flag] + ([aliases[field.name]] if aliases and field.name in aliases else [])
         if kind is bool:
-            group.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction, default=None, help=text)
+            group.add_argument(*flags, dest=field.name, action=argparse.BooleanOptionalAction, default=None,
+                               help=text)
+        elif choices and field.name in choices:
+            group.add_argument(*flags, dest=field.name, choices=choices[field.name], default=None, help=text)
         else:
-            group.add_argument(flag, dest=field.name, type=kind, default=None, metavar=field.name.upper(), help=text)
+            group.add_argument(*flags, dest=field.name, type=kind, default=None, metavar=field.name.upper(),
+                               help=text)
 
 
 def _given(args, cls, skip=()) -> dict:
@@ -61,22 +66,27 @@ def _emit(args, data, text: str | None = None) -> None:
 def cmd_train(args) -> int:
     from .checkpoint import read_config
     from .model import ModelConfig, preset
-    from .train import PRESET_TRAINING, TrainConfig, train
+    from .train import PRESET_TRAINING, TrainConfig, check_same_architecture, train
 
     model_overrides = _given(args, ModelConfig, skip=("vocab_size",))
     train_overrides = _given(args, TrainConfig)
-    if train_overrides.get("data") and os.path.exists(train_overrides["data"]):
-        train_overrides["data"] = os.path.abspath(train_overrides["data"])  # so --resume works from anywhere
+    for key in ("data", "target_data"):
+        if train_overrides.get(key) and os.path.exists(train_overrides[key]):
+            train_overrides[key] = os.path.abspath(train_overrides[key])  # so --resume works from anywhere
     if args.resume:
         saved = read_config(args.out)
         model_config = ModelConfig.from_dict(saved["model"])
+        if "architecture" in model_overrides:
+            check_same_architecture(args.out, model_config.architecture, model_overrides["architecture"])
+            model_overrides.pop("architecture")
         if model_overrides:
             raise ValueError(f"--resume continues the saved model; drop the model flags "
                              f"({', '.join('--' + k.replace('_', '-') for k in model_overrides)})")
         train_config = TrainConfig(**{**(saved.get("train") or {}), **train_overrides})
     else:
-        model_config = preset(args.preset, **model_overrides)
-        train_config = TrainConfig(**{**PRESET_TRAINING.get(args.preset, {}), **train_overrides})
+        name = args.preset or ("seq2seq" if model_overrides.get("architecture") == "seq2seq" else "tiny")
+        model_config = preset(name, **model_overrides)
+        train_config = TrainConfig(**{**PRESET_TRAINING.get(name, {}), **train_overrides})
     summary = train(model_config, train_config, args.out, resume=args.resume, overwrite=args.overwrite,
                     progress=not args.json and not args.quiet, log=(lambda *a, **k: None) if args.json else print)
     _emit(args, summary, None)
@@ -264,6 +274,7 @@ def cmd_convert(args) -> int:
 # ---------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     from .model import PRESETS, ModelConfig
+    from .model.config import ARCHITECTURES
     from .train import TrainConfig
 
     parser = argparse.ArgumentParser(
@@ -277,13 +288,15 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     p = command("train", "train a GPT from scratch on text (default: the Python docs that ship with Python)")
-    p.add_argument("--preset", default="tiny", help=f"model preset: {', '.join(PRESETS)} (default: tiny); it also "
-                   "sets lr, batch size and warmup unless given (tinyformer.train.PRESET_TRAINING)")
+    p.add_argument("--preset", default=None, help=f"model preset: {', '.join(PRESETS)} (default: tiny, or seq2seq "
+                   "with --arch seq2seq); it also sets lr, batch size and warmup unless given "
+                   "(tinyformer.train.PRESET_TRAINING)")
     p.add_argument("--out", default="runs/default", help="checkpoint directory (default: runs/default)")
     p.add_argument("--resume", action="store_true", help="continue the run saved in --out exactly where it stopped")
     p.add_argument("--overwrite", action="store_true", help="replace a checkpoint already in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    add_dataclass_flags(p, ModelConfig, skip=("vocab_size",), group_title="model (override the preset)")
+    add_dataclass_flags(p, ModelConfig, skip=("vocab_size",), group_title="model (override the preset)",
+                        aliases={"architecture": "--arch"}, choices={"architecture": ARCHITECTURES})
     add_dataclass_flags(p, TrainConfig, group_title="training")
     p.set_defaults(func=cmd_train)
 
