@@ -185,6 +185,13 @@ def create_app(lm, *, name: str | None = None, api_key: str | None = None, limit
             raise APIError(404, f"the model {requested!r} does not exist; this server serves {name!r}", "model",
                            "model_not_found")
 
+    async def accept(request: Request, cls):
+        """Check the key, read and validate the body, check the model it names."""
+        authorize(request)
+        body = parse(cls, await read_json(request))
+        check_model(body.model)
+        return body
+
     def encode(text: str) -> list[int]:
         if tokenizer is None:
             raise APIError(400, "this model has no tokenizer: send the prompt as token ids", "prompt")
@@ -240,9 +247,11 @@ def create_app(lm, *, name: str | None = None, api_key: str | None = None, limit
             raise APIError(429, f"the server is busy: {error}; retry later", code="queue_full") from None
         return sequences, queue
 
-    async def outputs(request: Request, sequences, queue, watch: bool):
-        """Yield (index, Output) until every sequence finished; a client gone (or the caller stopping) cancels."""
+    async def outputs(request: Request, sequences, queue, watch: bool, began: float):
+        """Yield (index, Output) until every sequence finished; a client gone (or the caller stopping) cancels.
+        The first output's delay is the request's time to first token."""
         remaining = len(sequences)
+        first = True
         try:
             while remaining:
                 try:
@@ -253,6 +262,9 @@ def create_app(lm, *, name: str | None = None, api_key: str | None = None, limit
                     continue
                 if out.error is not None:
                     raise APIError(503, out.error, code="generation_failed")
+                if first:
+                    metrics.ttft.labels(request.url.path).observe(time.monotonic() - began)
+                    first = False
                 if out.finish_reason is not None:
                     remaining -= 1
                 yield index, out
@@ -268,6 +280,14 @@ def create_app(lm, *, name: str | None = None, api_key: str | None = None, limit
 
     def sse(data) -> str:
         return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+    def stream_end(rid, kind, include_usage, prompts, sequences, route, began):
+        """The end of a finished stream: the usage chunk (when asked for), [DONE], the latency metric."""
+        if include_usage:
+            yield sse({"id": rid, "object": kind, "created": int(time.time()), "model": name, "choices": [],
+                       "usage": usage(prompts, sequences)})
+        yield "data: [DONE]\n\n"
+        metrics.latency.labels(route).observe(time.monotonic() - began)
 
     async def guarded(events):
         """A failure after the stream has started can no longer change the status: it becomes an error event."""
@@ -305,17 +325,13 @@ def create_app(lm, *, name: str | None = None, api_key: str | None = None, limit
 
     @app.post("/tokenize")
     async def tokenize(request: Request):
-        authorize(request)
-        body = parse(TokenizeRequest, await read_json(request))
-        check_model(body.model)
+        body = await accept(request, TokenizeRequest)
         tokens = encode(body.prompt)
         return {"tokens": tokens, "count": len(tokens), "max_model_len": context}
 
     @app.post("/detokenize")
     async def detokenize(request: Request):
-        authorize(request)
-        body = parse(DetokenizeRequest, await read_json(request))
-        check_model(body.model)
+        body = await accept(request, DetokenizeRequest)
         if tokenizer is None:
             raise APIError(400, "this model has no tokenizer", "tokens")
         vocab = lm.model.config.vocab_size
@@ -327,9 +343,7 @@ def create_app(lm, *, name: str | None = None, api_key: str | None = None, limit
     @app.post("/v1/completions")
     async def completions(request: Request):
         began = time.monotonic()
-        authorize(request)
-        body = parse(CompletionRequest, await read_json(request))
-        check_model(body.model)
+        body = await accept(request, CompletionRequest)
         prompt = body.prompt
         if isinstance(prompt, list) and not prompt:
             raise APIError(400, "prompt is an empty list", "prompt")
@@ -371,12 +385,9 @@ def create_app(lm, *, name: str | None = None, api_key: str | None = None, limit
 
             async def events():
                 texts = [""] * len(sequences)
-                first = ttft_seen = False
+                first = False
                 remaining = len(sequences)
-                async for index, out in outputs(request, sequences, queue, watch=False):
-                    if not ttft_seen:
-                        metrics.ttft.labels("/v1/completions").observe(time.monotonic() - began)
-                        ttft_seen = True
+                async for index, out in outputs(request, sequences, queue, False, began):
                     chunks = []
                     if body.echo and not first:
                         first = True
@@ -403,22 +414,15 @@ def create_app(lm, *, name: str | None = None, api_key: str | None = None, limit
                             chunk["usage"] = usage(prompts, sequences)
                         yield sse(chunk)
                 if remaining == 0:
-                    if include_usage:
-                        yield sse({"id": rid, "object": "text_completion", "created": int(time.time()),
-                                   "model": name, "choices": [], "usage": usage(prompts, sequences)})
-                    yield "data: [DONE]\n\n"
-                    metrics.latency.labels("/v1/completions").observe(time.monotonic() - began)
+                    for event in stream_end(rid, "text_completion", include_usage, prompts, sequences, "/v1/completions", began):
+                        yield event
 
             return stream_response(events())
 
         choices = [{"index": i, "text": echo_text[i // n], "logprobs": None, "finish_reason": None,
                     "token_ids": []} for i in range(len(sequences))]
         gathered = [([], [], []) for _ in sequences]
-        first = True
-        async for index, out in outputs(request, sequences, queue, watch=True):
-            if first:
-                metrics.ttft.labels("/v1/completions").observe(time.monotonic() - began)
-                first = False
+        async for index, out in outputs(request, sequences, queue, True, began):
             choice = choices[index]
             choice["text"] += out.text or ""
             if out.token is not None:
@@ -441,9 +445,7 @@ def create_app(lm, *, name: str | None = None, api_key: str | None = None, limit
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
         began = time.monotonic()
-        authorize(request)
-        body = parse(ChatRequest, await read_json(request))
-        check_model(body.model)
+        body = await accept(request, ChatRequest)
         if body.top_logprobs is not None and not body.logprobs:
             raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
         if body.max_tokens is not None and body.max_completion_tokens is not None:
@@ -487,9 +489,7 @@ def create_app(lm, *, name: str | None = None, api_key: str | None = None, limit
                         data["usage"] = usage(prompts, sequences)
                     return sse(data)
 
-                async for index, out in outputs(request, sequences, queue, watch=False):
-                    if not started:
-                        metrics.ttft.labels("/v1/chat/completions").observe(time.monotonic() - began)
+                async for index, out in outputs(request, sequences, queue, False, began):
                     if index not in started:
                         started.add(index)
                         yield chunk([{"index": index, "delta": {"role": "assistant", "content": ""},
@@ -501,22 +501,15 @@ def create_app(lm, *, name: str | None = None, api_key: str | None = None, limit
                         yield chunk([{"index": index, "delta": delta, "logprobs": lp,
                                       "finish_reason": out.finish_reason}], last=remaining == 0)
                 if remaining == 0:
-                    if include_usage:
-                        yield sse({"id": rid, "object": "chat.completion.chunk", "created": int(time.time()),
-                                   "model": name, "choices": [], "usage": usage(prompts, sequences)})
-                    yield "data: [DONE]\n\n"
-                    metrics.latency.labels("/v1/chat/completions").observe(time.monotonic() - began)
+                    for event in stream_end(rid, "chat.completion.chunk", include_usage, prompts, sequences, "/v1/chat/completions", began):
+                        yield event
 
             return stream_response(events())
 
         choices = [{"index": i, "message": {"role": "assistant", "content": ""},
                     "logprobs": {"content": []} if body.logprobs else None, "finish_reason": None}
                    for i in range(len(sequences))]
-        first = True
-        async for index, out in outputs(request, sequences, queue, watch=True):
-            if first:
-                metrics.ttft.labels("/v1/chat/completions").observe(time.monotonic() - began)
-                first = False
+        async for index, out in outputs(request, sequences, queue, True, began):
             choice = choices[index]
             choice["message"]["content"] += out.text or ""
             if body.logprobs:
