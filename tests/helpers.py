@@ -14,6 +14,17 @@ SAMPLE_TEXT = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\
                "农夫山泉 有点甜 🙂 — naïve café!\n") * 3
 
 
+def assert_close_scaled(got: torch.Tensor, expected: torch.Tensor, rel: float = 1e-5) -> None:
+    """got equals expected to within rel x the largest |expected| (and rel relative, elementwise).
+
+    The scale comes from the values compared, not a fixed threshold at the edge of float32 rounding: float32 through
+    a few layers drifts by ~1e-6 relative (more on other thread counts: sums split differently), while the bugs these
+    comparisons guard against (a wrong mask, scale, position or weight) move logits by 1e-2 relative or more.
+    """
+    scale = expected.detach().abs().max().item()
+    torch.testing.assert_close(got.detach().to(expected.dtype), expected.detach(), rtol=rel, atol=rel * max(scale, 1e-6))
+
+
 def shared_file(name: str) -> Path:
     path = SHARED / name
     if not path.is_file():
