@@ -168,9 +168,13 @@ def test_limits_and_bad_values():
         engine.make([1, 999], Options(), print)
     with pytest.raises(GenerationError, match="top_p"):
         engine.make([5], Options(top_p=0), print)
-    engine.submit([engine.make([5], Options(), print), engine.make([6], Options(), print)])
+    waiting = [engine.make([5], Options(), Collector()), engine.make([6], Options(), Collector())]
+    engine.submit(waiting)
     with pytest.raises(QueueFull):
-        engine.submit([engine.make([7], Options(), print)])
+        engine.submit([engine.make([7], Options(), Collector())])
+    waiting[0].cancel()  # its client left while it waited: its place is free again
+    engine.submit([engine.make([7], Options(), Collector())])
+    assert waiting[0].on_output.finish_reason == "cancelled" and engine.queue_length == 2
 
 
 def test_cache_add_rows_and_compact_keep_each_rows_keys():

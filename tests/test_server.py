@@ -235,21 +235,24 @@ def test_errors_reach_the_client_as_its_exception_types(client):
 
 
 def test_full_queue_is_429_and_the_server_recovers(lm):
-    busy_lm = char_lm(context_length=128)
-    slowed(busy_lm.model, 0.01)
+    busy_lm = char_lm(context_length=256)
+    slowed(busy_lm.model, 0.02)  # each request below would run for > 4 s
     with RunningServer(create_app(busy_lm, name="busy", limits=Limits(max_batch=1, max_queue=1))) as s:
         client = openai.OpenAI(base_url=s.url + "/v1", api_key="x", max_retries=0)
         streams = [httpx.stream("POST", s.url + "/v1/completions",
-                                json={"prompt": "Speak", "max_tokens": 60, "stream": True}) for _ in range(2)]
-        opened = [st.__enter__() for st in streams]  # one running, one waiting: the queue is full
-        deadline = time.monotonic() + 5
+                                json={"prompt": "Speak", "max_tokens": 240, "stream": True}) for _ in range(2)]
+        for st in streams:
+            st.__enter__()
+        deadline = time.monotonic() + 10
         while (s.engine.batch_size, s.engine.queue_length) != (1, 1) and time.monotonic() < deadline:
             time.sleep(0.01)
+        assert (s.engine.batch_size, s.engine.queue_length) == (1, 1)  # one running, one waiting: queue full
         with pytest.raises(openai.RateLimitError):
             client.completions.create(model="busy", prompt="Speak", max_tokens=2)
-        for st, response in zip(streams, opened):
-            response.read()
-            st.__exit__(None, None, None)
+        for st in streams:
+            st.__exit__(None, None, None)  # hang up: both are cancelled
+        while s.engine.batch_size and time.monotonic() < deadline + 10:
+            time.sleep(0.01)
         assert client.completions.create(model="busy", prompt="Speak", max_tokens=2).choices[0].finish_reason
 
 

@@ -202,6 +202,11 @@ class Batcher:
     def submit(self, sequences: list[Sequence]) -> None:
         """Queue sequences to join the batch (all or none: QueueFull when the queue has no room for them)."""
         with self._wake:
+            if any(s.cancelled for s in self.waiting):  # clients that left while waiting free their places
+                for s in self.waiting:
+                    if s.cancelled:
+                        s.end("cancelled")
+                self.waiting = deque(s for s in self.waiting if not s.cancelled)
             if len(self.waiting) + len(sequences) > self.max_queue:
                 raise QueueFull(f"{len(self.waiting)} requests are already waiting (the limit is {self.max_queue})")
             self.waiting.extend(sequences)
