@@ -283,3 +283,10 @@ def test_health_models_tokenize_metrics(server, client, lm):
         assert name in text
     served = re.search(r'tinyformer_requests_total\{route="/tokenize",status="200"\} (\S+)', text)
     assert served and float(served.group(1)) >= 1
+
+
+def test_serve_command_rejects_bad_limits_in_one_line(capsys):
+    from tinyformer.cli import main
+
+    assert main(["serve", "runs/none", "--max-batch", "0"]) == 1
+    assert capsys.readouterr().err.strip() == "tinyformer serve: error: --max-batch must be at least 1, got 0"

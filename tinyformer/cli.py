@@ -272,6 +272,10 @@ def cmd_serve(args) -> int:
                          "pip install 'tinyformer[serve]'") from None
     from .api import load
 
+    for flag, value in (("--max-batch", args.max_batch), ("--max-queue", args.max_queue),
+                        ("--max-body-bytes", args.max_body_bytes)):
+        if value < 1:
+            raise ValueError(f"{flag} must be at least 1, got {value}")
     lm = load(args.checkpoint, device=args.device)
     template = None
     if args.chat_template:
@@ -279,10 +283,6 @@ def cmd_serve(args) -> int:
             template = handle.read()
     limits = Limits(max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens, max_batch=args.max_batch,
                     max_queue=args.max_queue, max_body_bytes=args.max_body_bytes)
-    for flag, value in (("--max-batch", args.max_batch), ("--max-queue", args.max_queue),
-                        ("--max-body-bytes", args.max_body_bytes)):
-        if value < 1:
-            raise ValueError(f"{flag} must be at least 1, got {value}")
     app = create_app(lm, name=args.name, api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
                      limits=limits, chat_template=template)
     if not args.json:
