@@ -1,4 +1,4 @@
-"""The `tinyformer` command: train, generate, inspect, eval, export, convert."""
+"""The `tinyformer` command: train, generate, inspect, eval, export, convert, serve."""
 from __future__ import annotations
 
 import argparse
@@ -271,6 +271,37 @@ def cmd_convert(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- serve
+def cmd_serve(args) -> int:
+    try:
+        import uvicorn
+
+        from .server import API_KEY_ENV, Limits, create_app
+    except ImportError as error:
+        raise ValueError(f"serving needs FastAPI, uvicorn and prometheus-client ({error.name} is missing): "
+                         "pip install 'tinyformer[serve]'") from None
+    from .api import load
+
+    for flag, value in (("--max-batch", args.max_batch), ("--max-queue", args.max_queue),
+                        ("--max-body-bytes", args.max_body_bytes)):
+        if value < 1:
+            raise ValueError(f"{flag} must be at least 1, got {value}")
+    lm = load(args.checkpoint, device=args.device)
+    template = None
+    if args.chat_template:
+        with open(args.chat_template, encoding="utf-8") as handle:
+            template = handle.read()
+    limits = Limits(max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens, max_batch=args.max_batch,
+                    max_queue=args.max_queue, max_body_bytes=args.max_body_bytes)
+    app = create_app(lm, name=args.name, api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
+                     limits=limits, chat_template=template)
+    if not args.json:
+        print(f"serving {lm.source} as {args.name or os.path.basename(os.path.normpath(lm.source))!r} on "
+              f"http://{args.host}:{args.port}  (playground at /, OpenAI API under /v1)", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning" if args.json else "info")
+    return 0
+
+
 # ---------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     from .model import PRESETS, ModelConfig
@@ -353,6 +384,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source")
     p.add_argument("out_dir")
     p.set_defaults(func=cmd_convert)
+
+    p = command("serve", "serve a model over an OpenAI-compatible HTTP API, with a playground at /")
+    p.add_argument("checkpoint")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--name", default=None, help="the model id clients send (default: the checkpoint's name)")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 and the tokenizer "
+                   "routes (default: $TINYFORMER_API_KEY, else no key)")
+    p.add_argument("--max-batch", type=int, default=16, help="sequences decoded together (default 16)")
+    p.add_argument("--max-queue", type=int, default=64, help="sequences waiting to join; more get 429 (default 64)")
+    p.add_argument("--max-prompt-tokens", type=int, default=None, help="longest prompt (default: the context)")
+    p.add_argument("--max-tokens", type=int, default=None, help="largest max_tokens (default: the context)")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (default 1 MiB)")
+    p.add_argument("--chat-template", default=None, metavar="FILE",
+                   help="Jinja chat template (default: the model's own, else 'Role: content' lines)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.set_defaults(func=cmd_serve)
     return parser
 
 

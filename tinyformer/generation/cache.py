@@ -148,3 +148,70 @@ class KVCache:
         self.key_valid = self.key_valid.index_select(0, rows)
         self.next_position = self.next_position.index_select(0, rows)
         self.padded = self.padded and not bool(self.key_valid[:, :min(self.length, self.capacity)].all())
+
+    # ---- continuous batching (generation/batcher.py): rows join and leave a running batch between steps.
+    # Rows share slot indices, so a row that joins is right-aligned with the others (its last token sits just
+    # before the next write) and the slots before its first token are padding for it. Only for caches that
+    # have not wrapped (the batcher keeps every row inside the context window).
+
+    def add_rows(self, other: "KVCache") -> None:
+        """Append the rows of `other` (a freshly prefilled cache) to this batch."""
+        if self.length > self.capacity or other.length > other.capacity:
+            raise ValueError("add_rows needs caches that have not wrapped")
+        shift = max(0, other.length - self.length)  # other holds more tokens: move this batch right to match
+        length = self.length + shift
+        if shift or length > self.capacity:
+            self._resize(max(self.capacity, length), shift)
+        start = length - other.length
+        rows = other.batch_size
+        # zeros, not empty: attention reads the padding slots with weight 0, and 0 x NaN garbage would be NaN
+        k = self.k.new_zeros(self.k.shape[:1] + (rows,) + self.k.shape[2:])
+        v = self.v.new_zeros(k.shape)
+        k[:, :, :, start:length] = other.k[:, :, :, :other.length]
+        v[:, :, :, start:length] = other.v[:, :, :, :other.length]
+        valid = torch.zeros(rows, self.capacity, dtype=torch.bool, device=self.key_valid.device)
+        valid[:, start:length] = other.key_valid[:, :other.length]
+        self.k, self.v = torch.cat((self.k, k), 1), torch.cat((self.v, v), 1)
+        self.key_valid = torch.cat((self.key_valid, valid))
+        self.next_position = torch.cat((self.next_position, other.next_position))
+        self._refresh_padded()
+
+    def reserve(self, tokens: int, limit: int) -> None:
+        """Make room for `tokens` more writes: drop leading slots no row uses, else grow (to at most `limit`)."""
+        if self.length + tokens <= self.capacity:
+            return
+        self.compact()
+        if self.length + tokens > self.capacity:
+            capacity = min(limit, max(2 * self.capacity, self.length + tokens))
+            if self.length + tokens > capacity:
+                raise ValueError(f"{self.length + tokens} tokens do not fit the limit of {limit} slots")
+            self._resize(capacity, 0)
+
+    def compact(self) -> None:
+        """Move every row left over the leading slots that no row uses any more (their rows have left)."""
+        used = self.key_valid[:, :self.length].any(0)
+        first = int(used.int().argmax()) if bool(used.any()) else self.length
+        if first == 0:
+            return
+        kept = self.length - first
+        for buffer in (self.k, self.v):
+            buffer[:, :, :, :kept] = buffer[:, :, :, first:self.length].clone()
+        self.key_valid[:, :kept] = self.key_valid[:, first:self.length].clone()
+        self.length = kept
+        self._refresh_padded()
+
+    def _resize(self, capacity: int, shift: int) -> None:
+        """Reallocate to `capacity` slots, moving the filled slots `shift` to the right (new slots are padding)."""
+        L, B, H, _, D = self.k.shape
+        k, v = self.k.new_empty((L, B, H, capacity, D)), self.v.new_empty((L, B, H, capacity, D))
+        k[:, :, :, :shift], v[:, :, :, :shift] = 0, 0  # padding that attention reads with weight 0
+        k[:, :, :, shift:shift + self.length] = self.k[:, :, :, :self.length]
+        v[:, :, :, shift:shift + self.length] = self.v[:, :, :, :self.length]
+        valid = torch.zeros(B, capacity, dtype=torch.bool, device=self.key_valid.device)
+        valid[:, shift:shift + self.length] = self.key_valid[:, :self.length]
+        self.k, self.v, self.key_valid = k, v, valid
+        self.capacity, self.length = capacity, self.length + shift
+        self._refresh_padded()
+
+    def _refresh_padded(self) -> None:
+        self.padded = not bool(self.key_valid[:, :self.length].all())
