@@ -179,6 +179,7 @@ def cmd_inspect(args) -> int:
 
     from .api import load
     from .generation import kv_cache_bytes
+    from .generation.cache import cross_cache_bytes
 
     lm = load(args.checkpoint, device="cpu")
     model = lm.model
@@ -190,7 +191,8 @@ def cmd_inspect(args) -> int:
         if id(param) in seen:
             continue
         seen.add(id(param))
-        top = name.split(".")[0] if not name.startswith("blocks.") else ".".join(name.split(".")[:2])
+        in_stack = name.split(".")[0] in ("blocks", "encoder", "decoder")
+        top = ".".join(name.split(".")[:2]) if in_stack else name.split(".")[0]
         modules[top] = modules.get(top, 0) + param.numel()
     state = {k: list(v.shape) for k, v in model.state_dict().items()}
     dtype = next(model.parameters()).dtype
@@ -201,6 +203,11 @@ def cmd_inspect(args) -> int:
             "kv_cache": {"batch": args.cache_batch, "length": length, "bytes": cache,
                          "formula": "2 x layers x kv_heads x head_dim x length x batch x bytes"},
             "train": lm.config.get("train"), "step": lm.config.get("step")}
+    if lm.is_seq2seq:
+        cross = cross_cache_bytes(config, args.cache_batch, length, dtype)
+        data["cross_attention_cache"] = {"sources": args.cache_batch, "source_length": length, "bytes": cross,
+                                         "formula": "2 x decoder layers x kv_heads x head_dim x source length x "
+                                                    "sources x bytes (shared by the beams of a source)"}
     lines = [f"source: {lm.source}", f"tokenizer: {data['tokenizer']} (vocab {config.vocab_size})", "config:"]
     lines += [f"  {k} = {v}" for k, v in config.to_dict().items()]
     lines += [f"parameters: {total:,}", "per module:"]
@@ -208,7 +215,11 @@ def cmd_inspect(args) -> int:
     lines += [f"KV cache for batch {args.cache_batch} x {length} tokens ({str(dtype).replace('torch.', '')}): "
               f"{cache:,} bytes ({cache / 2**20:.2f} MiB) = 2 x {config.n_layers} layers x {config.kv_heads} kv heads"
               f" x {config.hidden_head_dim} head dim x {length} x {args.cache_batch} x "
-              f"{torch.empty((), dtype=dtype).element_size()} bytes", "state_dict:"]
+              f"{torch.empty((), dtype=dtype).element_size()} bytes"]
+    if lm.is_seq2seq:
+        lines += [f"cross-attention cache for {args.cache_batch} source(s) x {length} tokens: {cross:,} bytes "
+                  f"({cross / 2**20:.2f} MiB), computed once per source and shared by its beams"]
+    lines += ["state_dict:"]
     lines += [f"  {k:<48}{tuple(v)}" for k, v in state.items()]
     _emit(args, data, "\n".join(lines))
     return 0
@@ -227,6 +238,8 @@ def cmd_eval(args) -> int:
     lm = load(args.checkpoint, device=args.device)
     if lm.tokenizer is None:
         raise ValueError(f"{args.checkpoint} has no tokenizer to read text with")
+    if lm.is_seq2seq:
+        return _eval_translation(args, lm)
     text, description = load_text(args.data)
     ids = torch.tensor(lm.tokenizer.encode(text), dtype=torch.long)
     window = min(args.context_length or lm.model.config.context_length, lm.model.config.context_length)
@@ -248,6 +261,50 @@ def cmd_eval(args) -> int:
             "bits_per_byte": total / (scored_bytes * math.log(2))}
     _emit(args, data, f"{description}: {count:,} tokens  loss {loss:.4f}  perplexity {math.exp(loss):.2f}  "
                       f"bits/byte {data['bits_per_byte']:.4f}")
+    return 0
+
+
+def _eval_translation(args, lm) -> int:
+    from .data import load_pairs
+    from .evaluation import evaluate_translation
+
+    if args.data is None:
+        raise ValueError("a seq2seq model is scored on sentence pairs: give --data test.tsv (source<TAB>reference) "
+                         "or --data SOURCES --target-data REFERENCES")
+    for name in ("batch_size", "num_beams", "max_pairs"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+    pairs, description = load_pairs(args.data, args.target_data)
+    if args.max_pairs:
+        pairs = pairs[:args.max_pairs]
+    result = evaluate_translation(lm, pairs, num_beams=args.num_beams, batch_size=args.batch_size,
+                                  bleu_tokenize=args.bleu_tokenize, progress=not args.json)
+    hypotheses = result.pop("hypotheses")
+    if args.outputs:
+        with open(args.outputs, "w", encoding="utf-8") as handle:
+            handle.write("".join(h + "\n" for h in hypotheses))
+    data = {"data": description, **result}
+    _emit(args, data, f"{description}: {result['pairs']:,} pairs  loss {result['loss']:.4f}  "
+                      f"BLEU {result['bleu']:.2f} ({result['bleu_tokenize']})  chrF {result['chrf']:.2f}  "
+                      f"exact match {100 * result['exact_match']:.1f}%  "
+                      f"({'greedy' if args.num_beams == 1 else f'beam {args.num_beams}'})")
+    return 0
+
+
+# ---------------------------------------------------------------- attention
+def cmd_attention(args) -> int:
+    from .api import load
+    from .attention import attention_maps, plot_attention
+
+    lm = load(args.checkpoint, device="cpu")
+    if lm.tokenizer is None:
+        raise ValueError(f"{args.checkpoint} has no tokenizer to read the prompt with")
+    maps = attention_maps(lm, args.prompt, args.max_new_tokens)
+    path = plot_attention(maps, args.out, args.layer)
+    _emit(args, {"out": str(path), "kind": maps.kind, "layers": len(maps.layers), "text": maps.text,
+                 "queries": maps.queries, "keys": maps.keys},
+          f"{maps.kind}-attention of {len(maps.layers)} layer(s) -> {path}\ngenerated: {maps.text!r}")
     return 0
 
 
@@ -372,7 +429,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context-length", type=int, default=None)
     p.add_argument("--max-tokens", type=int, default=None, help="score at most this many tokens")
     p.add_argument("--device", default="auto")
+    s2s = p.add_argument_group("seq2seq models (--data is a TSV of source<TAB>reference pairs)")
+    s2s.add_argument("--target-data", default=None, help="references as a file aligned with --data")
+    s2s.add_argument("--num-beams", type=int, default=1, help="decode with beam search (default: greedy)")
+    s2s.add_argument("--batch-size", type=int, default=64, help="sources decoded at once (default 64)")
+    s2s.add_argument("--bleu-tokenize", default=None, choices=("13a", "zh", "intl", "char", "none"),
+                     help="sacrebleu tokenizer (default: zh for Chinese/Japanese references, else 13a)")
+    s2s.add_argument("--max-pairs", type=int, default=None, help="score only the first N pairs")
+    s2s.add_argument("--outputs", default=None, help="write the translations here, one per line")
     p.set_defaults(func=cmd_eval)
+
+    p = command("attention", "draw attention heat maps of one generation (cross-attention for seq2seq)")
+    p.add_argument("checkpoint")
+    p.add_argument("--prompt", required=True, help="the prompt (the source sentence for seq2seq)")
+    p.add_argument("--out", default="attention.png", help="PNG to write (default: attention.png)")
+    p.add_argument("--layer", type=int, default=None, help="draw only this layer (0-based; default: all)")
+    p.add_argument("--max-new-tokens", type=int, default=20)
+    p.set_defaults(func=cmd_attention)
 
     p = command("export", "export a model to another format (Hugging Face: config.json + model.safetensors)")
     p.add_argument("checkpoint")

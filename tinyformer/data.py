@@ -144,6 +144,7 @@ class PairData:
     @classmethod
     def from_pairs(cls, pairs: list[tuple[str, str]], tokenizer, source_tokenizer=None, val_fraction: float = 0.1,
                    context_length: int = 128, batch_tokens: int = 4096) -> "PairData":
+        """val_fraction 1.0 puts every pair in "val" (to score a test set)."""
         source_tokenizer = source_tokenizer or tokenizer
         split_pairs = {"train": [], "val": []}
         val_bytes = 0
@@ -158,7 +159,7 @@ class PairData:
             split_pairs[split].append((s, t))
             if split == "val":
                 val_bytes += len(tgt.encode("utf-8"))
-        if not split_pairs["train"] or not split_pairs["val"]:
+        if val_fraction < 1.0 and (not split_pairs["train"] or not split_pairs["val"]):
             raise DataError(f"data too small: {len(pairs)} pair(s) leave none for "
                             f"{'training' if not split_pairs['train'] else 'validation'} at val_fraction {val_fraction}")
         batches = {split: _buckets(items, batch_tokens) for split, items in split_pairs.items()}

