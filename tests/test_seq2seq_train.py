@@ -179,3 +179,9 @@ def test_a_gpt_checkpoint_is_not_resumed_as_seq2seq(tmp_path, capsys, one_thread
     assert len(err.strip().splitlines()) == 1 and snapshot(tmp_path / "gpt") == before
     code, _, err = run(capsys, "train", "--arch", "seq2seq", "--out", tmp_path / "other")
     assert code == 1 and "a seq2seq model trains on sentence pairs: give --data pairs.tsv" in err
+
+
+def test_serving_a_seq2seq_model_is_refused_in_one_line(reversed_run, capsys):
+    pytest.importorskip("fastapi")
+    code, _, err = run(capsys, "serve", reversed_run[0] / "run", "--port", "1")
+    assert code == 1 and "serving seq2seq models is not supported yet" in err and len(err.strip().splitlines()) == 1

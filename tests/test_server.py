@@ -241,15 +241,19 @@ def test_full_queue_is_429_and_the_server_recovers(lm):
         client = openai.OpenAI(base_url=s.url + "/v1", api_key="x", max_retries=0)
         streams = [httpx.stream("POST", s.url + "/v1/completions",
                                 json={"prompt": "Speak", "max_tokens": 240, "stream": True}) for _ in range(2)]
-        for st in streams:
-            st.__enter__()
-        deadline = time.monotonic() + 10
+        # open both at once: a waiting request may get its response headers only when it starts, so opening them
+        # one after the other would serialise them and the queue would never be seen full on a slow machine
+        openers = [threading.Thread(target=st.__enter__) for st in streams]
+        for opener in openers:
+            opener.start()
+        deadline = time.monotonic() + 20
         while (s.engine.batch_size, s.engine.queue_length) != (1, 1) and time.monotonic() < deadline:
             time.sleep(0.01)
         assert (s.engine.batch_size, s.engine.queue_length) == (1, 1)  # one running, one waiting: queue full
         with pytest.raises(openai.RateLimitError):
             client.completions.create(model="busy", prompt="Speak", max_tokens=2)
-        for st in streams:
+        for opener, st in zip(openers, streams):
+            opener.join()
             st.__exit__(None, None, None)  # hang up: both are cancelled
         while s.engine.batch_size and time.monotonic() < deadline + 10:
             time.sleep(0.01)
