@@ -43,3 +43,22 @@ def tiny_model(kind: str = "tiny", vocab_size: int = 64, seed: int = 0, **overri
 def char_lm(kind: str = "tiny", seed: int = 0, **overrides) -> LanguageModel:
     tokenizer = get_tokenizer("char", SAMPLE_TEXT)
     return LanguageModel(tiny_model(kind, tokenizer.vocab_size, seed, **overrides), tokenizer, source="test")
+
+
+PAIRS_TEXT = "je suis content .\ti am happy .\nil est grand .\the is tall .\nnous sommes là !\twe are here !\n农夫山泉\tfarmer spring\n"
+
+
+def seq2seq_lm(seed: int = 0, **overrides) -> LanguageModel:
+    """A tiny random encoder-decoder with a shared char tokenizer over French/English/Chinese text."""
+    from tinyformer.model import ModelConfig, Seq2Seq
+
+    tokenizer = get_tokenizer("char", PAIRS_TEXT)
+    config = dict(architecture="seq2seq", vocab_size=tokenizer.vocab_size, d_model=32, n_layers=2, n_encoder_layers=2,
+                  n_heads=4, d_ff=64, context_length=32, positional="sinusoidal", mlp="relu", scale_embeddings=True)
+    torch.manual_seed(seed)
+    model = Seq2Seq(ModelConfig(**{**config, **overrides})).eval()
+    with torch.no_grad():  # a wide init: logits far from flat, so greedy and beam choices are sharp
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.3)
+    return LanguageModel(model, tokenizer, source="test")

@@ -5,17 +5,19 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import CheckpointError, is_checkpoint, load_checkpoint
+from .checkpoint import CheckpointError, is_checkpoint, load_checkpoint, load_source_tokenizer
 from .model import quant
 
 
 class LanguageModel:
     """A loaded model with its tokenizer: `.model` (logits [B, T, V] from input_ids [B, T]), `.tokenizer`,
-    `.generate(...)`, and `.source` (what it was loaded from)."""
+    `.generate(...)`, and `.source` (what it was loaded from). A seq2seq model reads its prompts (the sources)
+    with `.source_tokenizer`, which is `.tokenizer` unless the checkpoint has a separate one."""
 
     def __init__(self, model: torch.nn.Module, tokenizer, config: dict | None = None, source: str = "",
-                 pack: bool = True):
+                 pack: bool = True, source_tokenizer=None):
         self.model, self.tokenizer, self.config, self.source = model, tokenizer, config or {}, source
+        self.source_tokenizer = source_tokenizer or tokenizer
         if pack:
             quant.pack(model)  # fast CPU decode kernels; a no-op for the values
 
@@ -26,7 +28,11 @@ class LanguageModel:
     def generate(self, prompts, **options):
         from .generation.api import generate
 
-        return generate(self.model, self.tokenizer, prompts, **options)
+        return generate(self.model, self.tokenizer, prompts, source_tokenizer=self.source_tokenizer, **options)
+
+    @property
+    def is_seq2seq(self) -> bool:
+        return self.model.config.architecture == "seq2seq"
 
     def __repr__(self) -> str:
         return f"LanguageModel({self.source!r}, {self.model.num_parameters():,} parameters)"
@@ -56,8 +62,10 @@ def load(path, device: str | None = "auto", dtype: str | None = None, quantize: 
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path} does not exist")
+    source_tokenizer = None
     if path.is_dir() and is_checkpoint(path):
         model, tokenizer, config = load_checkpoint(path, device)
+        source_tokenizer = load_source_tokenizer(path, config)
     elif path.is_dir() and (path / "config.json").is_file():
         from .interop.hf import load_hf
 
@@ -69,4 +77,4 @@ def load(path, device: str | None = "auto", dtype: str | None = None, quantize: 
     else:
         raise CheckpointError(f"{path} is neither a checkpoint directory (config.json) nor a .ckpt file")
     quant.set_precision(model, dtype, quantize)
-    return LanguageModel(model, tokenizer, config, str(path))
+    return LanguageModel(model, tokenizer, config, str(path), source_tokenizer=source_tokenizer)

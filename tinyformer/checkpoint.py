@@ -15,7 +15,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .model import GPT, ConfigError, ModelConfig
+from .model import ConfigError, ModelConfig, build_model
 from .model.quant import PrecisionError, check_precision, precision, set_precision
 from .tokenizers import Tokenizer, TokenizerError, load_tokenizer
 
@@ -48,8 +48,11 @@ def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def save_checkpoint(directory, model: GPT, tokenizer: Tokenizer, *, train_config: dict | None = None,
-                    trainer_state: dict | None = None, step: int = 0, extra: dict | None = None) -> Path:
+def save_checkpoint(directory, model, tokenizer: Tokenizer, *, train_config: dict | None = None,
+                    trainer_state: dict | None = None, step: int = 0, extra: dict | None = None,
+                    source_tokenizer: Tokenizer | None = None) -> Path:
+    """Write model, tokenizer(s) and configs; a seq2seq model with its own source tokenizer keeps it in
+    source_tokenizer/."""
     if tokenizer is None:
         raise CheckpointError("a checkpoint needs a tokenizer; this model has none (pass one to save_checkpoint)")
     directory = Path(directory)
@@ -59,10 +62,13 @@ def save_checkpoint(directory, model: GPT, tokenizer: Tokenizer, *, train_config
     if trainer_state is not None:
         _atomic_write(directory / "trainer_state.pt", lambda p: torch.save({**trainer_state, "step": step}, p))
     tokenizer_entry = tokenizer.save(directory)
-    config = {"format": FORMAT, "format_version": FORMAT_VERSION, "architecture": "gpt", "step": step,
-              "model": model.config.to_dict(), "precision": precision(model), "tokenizer": tokenizer_entry,
-              "train": train_config,
-              **(extra or {})}
+    config = {"format": FORMAT, "format_version": FORMAT_VERSION, "architecture": model.config.architecture,
+              "step": step, "model": model.config.to_dict(), "precision": precision(model), "tokenizer": tokenizer_entry,
+              "train": train_config}
+    if source_tokenizer is not None:
+        (directory / "source_tokenizer").mkdir(exist_ok=True)
+        config["source_tokenizer"] = source_tokenizer.save(directory / "source_tokenizer")
+    config.update(extra or {})
     _atomic_write(directory / "config.json",
                   lambda p: p.write_text(json.dumps(config, indent=2, ensure_ascii=False), encoding="utf-8"))
     return directory
@@ -142,6 +148,7 @@ def load_checkpoint(directory, device: str | torch.device = "cpu"):
         saved_precision = config.get("precision") or {}
         check_precision(saved_precision.get("dtype"), saved_precision.get("quantize"))
         tokenizer = load_tokenizer(directory, config["tokenizer"])
+
     except (KeyError, TypeError, AttributeError, ConfigError, PrecisionError, TokenizerError, OSError,
             json.JSONDecodeError) as error:
         raise CheckpointError(f"{directory}/config.json is invalid: {error}") from None
@@ -149,9 +156,19 @@ def load_checkpoint(directory, device: str | torch.device = "cpu"):
     if metadata.get("step") is not None and metadata["step"] != str(config.get("step")):
         raise CheckpointError(f"{directory}: model.safetensors is from step {metadata['step']} but config.json "
                               f"from step {config.get('step')} (a save was interrupted)")
-    model = set_precision(GPT(model_config), saved_precision.get("dtype"), saved_precision.get("quantize"))
+    model = set_precision(build_model(model_config), saved_precision.get("dtype"), saved_precision.get("quantize"))
     load_state_into(model, state, directory)
     return model.to(device).eval(), tokenizer, config
+
+
+def load_source_tokenizer(directory, config: dict) -> Tokenizer | None:
+    """A seq2seq checkpoint's own source tokenizer (None when source and target share one)."""
+    if not config.get("source_tokenizer"):
+        return None
+    try:
+        return load_tokenizer(Path(directory) / "source_tokenizer", config["source_tokenizer"])
+    except (KeyError, TypeError, TokenizerError, OSError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"{directory}/config.json has an invalid source_tokenizer: {error}") from None
 
 
 def safe_torch_load(path: Path):

@@ -1,4 +1,4 @@
-"""The `tinyformer` command: train, generate, inspect, eval, export, convert."""
+"""The `tinyformer` command: train, generate, inspect, eval, export, convert, serve."""
 from __future__ import annotations
 
 import argparse
@@ -28,7 +28,7 @@ def _flag_type(field: dataclasses.Field):
     return hint
 
 
-def add_dataclass_flags(parser, cls, skip=(), group_title=None, help_texts=None):
+def add_dataclass_flags(parser, cls, skip=(), group_title=None, help_texts=None, aliases=None, choices=None):
     """Every field of cls becomes --field-name; unset flags stay None so saved or preset values win."""
     group = parser.add_argument_group(group_title) if group_title else parser
     for field in dataclasses.fields(cls):
@@ -39,10 +39,15 @@ def add_dataclass_flags(parser, cls, skip=(), group_title=None, help_texts=None)
         default = field.default if field.default is not dataclasses.MISSING else None
         text = (help_texts or {}).get(field.name, "")
         text = f"{text} (default: {default})" if text else f"default: {default}"
+        flags = [flag] + ([aliases[field.name]] if aliases and field.name in aliases else [])
         if kind is bool:
-            group.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction, default=None, help=text)
+            group.add_argument(*flags, dest=field.name, action=argparse.BooleanOptionalAction, default=None,
+                               help=text)
+        elif choices and field.name in choices:
+            group.add_argument(*flags, dest=field.name, choices=choices[field.name], default=None, help=text)
         else:
-            group.add_argument(flag, dest=field.name, type=kind, default=None, metavar=field.name.upper(), help=text)
+            group.add_argument(*flags, dest=field.name, type=kind, default=None, metavar=field.name.upper(),
+                               help=text)
 
 
 def add_precision_flags(parser, purpose: str = "run the model in this precision") -> None:
@@ -70,22 +75,27 @@ def _emit(args, data, text: str | None = None) -> None:
 def cmd_train(args) -> int:
     from .checkpoint import read_config
     from .model import ModelConfig, preset
-    from .train import PRESET_TRAINING, TrainConfig, train
+    from .train import PRESET_TRAINING, TrainConfig, check_same_architecture, train
 
     model_overrides = _given(args, ModelConfig, skip=("vocab_size",))
     train_overrides = _given(args, TrainConfig)
-    if train_overrides.get("data") and os.path.exists(train_overrides["data"]):
-        train_overrides["data"] = os.path.abspath(train_overrides["data"])  # so --resume works from anywhere
+    for key in ("data", "target_data"):
+        if train_overrides.get(key) and os.path.exists(train_overrides[key]):
+            train_overrides[key] = os.path.abspath(train_overrides[key])  # so --resume works from anywhere
     if args.resume:
         saved = read_config(args.out)
         model_config = ModelConfig.from_dict(saved["model"])
+        if "architecture" in model_overrides:
+            check_same_architecture(args.out, model_config.architecture, model_overrides["architecture"])
+            model_overrides.pop("architecture")
         if model_overrides:
             raise ValueError(f"--resume continues the saved model; drop the model flags "
                              f"({', '.join('--' + k.replace('_', '-') for k in model_overrides)})")
         train_config = TrainConfig(**{**(saved.get("train") or {}), **train_overrides})
     else:
-        model_config = preset(args.preset, **model_overrides)
-        train_config = TrainConfig(**{**PRESET_TRAINING.get(args.preset, {}), **train_overrides})
+        name = args.preset or ("seq2seq" if model_overrides.get("architecture") == "seq2seq" else "tiny")
+        model_config = preset(name, **model_overrides)
+        train_config = TrainConfig(**{**PRESET_TRAINING.get(name, {}), **train_overrides})
     summary = train(model_config, train_config, args.out, resume=args.resume, overwrite=args.overwrite,
                     progress=not args.json and not args.quiet, log=(lambda *a, **k: None) if args.json else print)
     _emit(args, summary, None)
@@ -178,6 +188,7 @@ def cmd_inspect(args) -> int:
 
     from .api import load
     from .generation import kv_cache_bytes
+    from .generation.cache import cross_cache_bytes
     from .model.quant import precision, weight_bytes
 
     lm = load(args.checkpoint, device="cpu", dtype=args.dtype, quantize=args.quantize)
@@ -190,7 +201,8 @@ def cmd_inspect(args) -> int:
         if id(param) in seen:
             continue
         seen.add(id(param))
-        top = name.split(".")[0] if not name.startswith("blocks.") else ".".join(name.split(".")[:2])
+        in_stack = name.split(".")[0] in ("blocks", "encoder", "decoder")
+        top = ".".join(name.split(".")[:2]) if in_stack else name.split(".")[0]
         modules[top] = modules.get(top, 0) + param.numel()
     state = {k: list(v.shape) for k, v in model.state_dict().items()}
     dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
@@ -203,6 +215,11 @@ def cmd_inspect(args) -> int:
             "kv_cache": {"batch": args.cache_batch, "length": length, "bytes": cache,
                          "formula": "2 x layers x kv_heads x head_dim x length x batch x bytes"},
             "train": lm.config.get("train"), "step": lm.config.get("step")}
+    if lm.is_seq2seq:
+        cross = cross_cache_bytes(config, args.cache_batch, length, dtype)
+        data["cross_attention_cache"] = {"sources": args.cache_batch, "source_length": length, "bytes": cross,
+                                         "formula": "2 x decoder layers x kv_heads x head_dim x source length x "
+                                                    "sources x bytes (shared by the beams of a source)"}
     lines = [f"source: {lm.source}", f"tokenizer: {data['tokenizer']} (vocab {config.vocab_size})", "config:"]
     lines += [f"  {k} = {v}" for k, v in config.to_dict().items()]
     lines += [f"parameters: {total:,}", f"precision: {precision(model)['dtype']}"
@@ -212,7 +229,11 @@ def cmd_inspect(args) -> int:
     lines += [f"KV cache for batch {args.cache_batch} x {length} tokens ({str(dtype).replace('torch.', '')}): "
               f"{cache:,} bytes ({cache / 2**20:.2f} MiB) = 2 x {config.n_layers} layers x {config.kv_heads} kv heads"
               f" x {config.hidden_head_dim} head dim x {length} x {args.cache_batch} x "
-              f"{torch.empty((), dtype=dtype).element_size()} bytes", "state_dict:"]
+              f"{torch.empty((), dtype=dtype).element_size()} bytes"]
+    if lm.is_seq2seq:
+        lines += [f"cross-attention cache for {args.cache_batch} source(s) x {length} tokens: {cross:,} bytes "
+                  f"({cross / 2**20:.2f} MiB), computed once per source and shared by its beams"]
+    lines += ["state_dict:"]
     lines += [f"  {k:<48}{tuple(v)}" for k, v in state.items()]
     _emit(args, data, "\n".join(lines))
     return 0
@@ -231,6 +252,8 @@ def cmd_eval(args) -> int:
     lm = load(args.checkpoint, device=args.device, dtype=args.dtype, quantize=args.quantize)
     if lm.tokenizer is None:
         raise ValueError(f"{args.checkpoint} has no tokenizer to read text with")
+    if lm.is_seq2seq:
+        return _eval_translation(args, lm)
     text, description = load_text(args.data)
     ids = torch.tensor(lm.tokenizer.encode(text), dtype=torch.long)
     window = min(args.context_length or lm.model.config.context_length, lm.model.config.context_length)
@@ -252,6 +275,50 @@ def cmd_eval(args) -> int:
             "bits_per_byte": total / (scored_bytes * math.log(2))}
     _emit(args, data, f"{description}: {count:,} tokens  loss {loss:.4f}  perplexity {math.exp(loss):.2f}  "
                       f"bits/byte {data['bits_per_byte']:.4f}")
+    return 0
+
+
+def _eval_translation(args, lm) -> int:
+    from .data import load_pairs
+    from .evaluation import evaluate_translation
+
+    if args.data is None:
+        raise ValueError("a seq2seq model is scored on sentence pairs: give --data test.tsv (source<TAB>reference) "
+                         "or --data SOURCES --target-data REFERENCES")
+    for name in ("batch_size", "num_beams", "max_pairs"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+    pairs, description = load_pairs(args.data, args.target_data)
+    if args.max_pairs:
+        pairs = pairs[:args.max_pairs]
+    result = evaluate_translation(lm, pairs, num_beams=args.num_beams, batch_size=args.batch_size,
+                                  bleu_tokenize=args.bleu_tokenize, progress=not args.json)
+    hypotheses = result.pop("hypotheses")
+    if args.outputs:
+        with open(args.outputs, "w", encoding="utf-8") as handle:
+            handle.write("".join(h + "\n" for h in hypotheses))
+    data = {"data": description, **result}
+    _emit(args, data, f"{description}: {result['pairs']:,} pairs  loss {result['loss']:.4f}  "
+                      f"BLEU {result['bleu']:.2f} ({result['bleu_tokenize']})  chrF {result['chrf']:.2f}  "
+                      f"exact match {100 * result['exact_match']:.1f}%  "
+                      f"({'greedy' if args.num_beams == 1 else f'beam {args.num_beams}'})")
+    return 0
+
+
+# ---------------------------------------------------------------- attention
+def cmd_attention(args) -> int:
+    from .api import load
+    from .attention import attention_maps, plot_attention
+
+    lm = load(args.checkpoint, device="cpu")
+    if lm.tokenizer is None:
+        raise ValueError(f"{args.checkpoint} has no tokenizer to read the prompt with")
+    maps = attention_maps(lm, args.prompt, args.max_new_tokens)
+    path = plot_attention(maps, args.out, args.layer)
+    _emit(args, {"out": str(path), "kind": maps.kind, "layers": len(maps.layers), "text": maps.text,
+                 "queries": maps.queries, "keys": maps.keys},
+          f"{maps.kind}-attention of {len(maps.layers)} layer(s) -> {path}\ngenerated: {maps.text!r}")
     return 0
 
 
@@ -285,9 +352,41 @@ def cmd_convert(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- serve
+def cmd_serve(args) -> int:
+    try:
+        import uvicorn
+
+        from .server import API_KEY_ENV, Limits, create_app
+    except ImportError as error:
+        raise ValueError(f"serving needs FastAPI, uvicorn and prometheus-client ({error.name} is missing): "
+                         "pip install 'tinyformer[serve]'") from None
+    from .api import load
+
+    for flag, value in (("--max-batch", args.max_batch), ("--max-queue", args.max_queue),
+                        ("--max-body-bytes", args.max_body_bytes)):
+        if value < 1:
+            raise ValueError(f"{flag} must be at least 1, got {value}")
+    lm = load(args.checkpoint, device=args.device)
+    template = None
+    if args.chat_template:
+        with open(args.chat_template, encoding="utf-8") as handle:
+            template = handle.read()
+    limits = Limits(max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens, max_batch=args.max_batch,
+                    max_queue=args.max_queue, max_body_bytes=args.max_body_bytes)
+    app = create_app(lm, name=args.name, api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
+                     limits=limits, chat_template=template)
+    if not args.json:
+        print(f"serving {lm.source} as {args.name or os.path.basename(os.path.normpath(lm.source))!r} on "
+              f"http://{args.host}:{args.port}  (playground at /, OpenAI API under /v1)", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning" if args.json else "info")
+    return 0
+
+
 # ---------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     from .model import PRESETS, ModelConfig
+    from .model.config import ARCHITECTURES
     from .train import TrainConfig
 
     parser = argparse.ArgumentParser(
@@ -301,13 +400,15 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     p = command("train", "train a GPT from scratch on text (default: the Python docs that ship with Python)")
-    p.add_argument("--preset", default="tiny", help=f"model preset: {', '.join(PRESETS)} (default: tiny); it also "
-                   "sets lr, batch size and warmup unless given (tinyformer.train.PRESET_TRAINING)")
+    p.add_argument("--preset", default=None, help=f"model preset: {', '.join(PRESETS)} (default: tiny, or seq2seq "
+                   "with --arch seq2seq); it also sets lr, batch size and warmup unless given "
+                   "(tinyformer.train.PRESET_TRAINING)")
     p.add_argument("--out", default="runs/default", help="checkpoint directory (default: runs/default)")
     p.add_argument("--resume", action="store_true", help="continue the run saved in --out exactly where it stopped")
     p.add_argument("--overwrite", action="store_true", help="replace a checkpoint already in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    add_dataclass_flags(p, ModelConfig, skip=("vocab_size",), group_title="model (override the preset)")
+    add_dataclass_flags(p, ModelConfig, skip=("vocab_size",), group_title="model (override the preset)",
+                        aliases={"architecture": "--arch"}, choices={"architecture": ARCHITECTURES})
     add_dataclass_flags(p, TrainConfig, group_title="training")
     p.set_defaults(func=cmd_train)
 
@@ -355,7 +456,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=None, help="score at most this many tokens")
     p.add_argument("--device", default="auto")
     add_precision_flags(p)
+    s2s = p.add_argument_group("seq2seq models (--data is a TSV of source<TAB>reference pairs)")
+    s2s.add_argument("--target-data", default=None, help="references as a file aligned with --data")
+    s2s.add_argument("--num-beams", type=int, default=1, help="decode with beam search (default: greedy)")
+    s2s.add_argument("--batch-size", type=int, default=64, help="sources decoded at once (default 64)")
+    s2s.add_argument("--bleu-tokenize", default=None, choices=("13a", "zh", "intl", "char", "none"),
+                     help="sacrebleu tokenizer (default: zh for Chinese/Japanese references, else 13a)")
+    s2s.add_argument("--max-pairs", type=int, default=None, help="score only the first N pairs")
+    s2s.add_argument("--outputs", default=None, help="write the translations here, one per line")
     p.set_defaults(func=cmd_eval)
+
+    p = command("attention", "draw attention heat maps of one generation (cross-attention for seq2seq)")
+    p.add_argument("checkpoint")
+    p.add_argument("--prompt", required=True, help="the prompt (the source sentence for seq2seq)")
+    p.add_argument("--out", default="attention.png", help="PNG to write (default: attention.png)")
+    p.add_argument("--layer", type=int, default=None, help="draw only this layer (0-based; default: all)")
+    p.add_argument("--max-new-tokens", type=int, default=20)
+    p.set_defaults(func=cmd_attention)
 
     p = command("export", "export a model to another format: Hugging Face (config.json + model.safetensors) or "
                           "GGUF (one file for llama.cpp, ollama, LM Studio)")
@@ -371,6 +488,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out_dir")
     add_precision_flags(p, "store the weights in this precision (quantize once, load fast)")
     p.set_defaults(func=cmd_convert)
+
+    p = command("serve", "serve a model over an OpenAI-compatible HTTP API, with a playground at /")
+    p.add_argument("checkpoint")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--name", default=None, help="the model id clients send (default: the checkpoint's name)")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 and the tokenizer "
+                   "routes (default: $TINYFORMER_API_KEY, else no key)")
+    p.add_argument("--max-batch", type=int, default=16, help="sequences decoded together (default 16)")
+    p.add_argument("--max-queue", type=int, default=64, help="sequences waiting to join; more get 429 (default 64)")
+    p.add_argument("--max-prompt-tokens", type=int, default=None, help="longest prompt (default: the context)")
+    p.add_argument("--max-tokens", type=int, default=None, help="largest max_tokens (default: the context)")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (default 1 MiB)")
+    p.add_argument("--chat-template", default=None, metavar="FILE",
+                   help="Jinja chat template (default: the model's own, else 'Role: content' lines)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.set_defaults(func=cmd_serve)
     return parser
 
 

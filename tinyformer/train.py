@@ -1,5 +1,8 @@
 """Training: next-token cross-entropy with teacher forcing, AdamW, warmup + cosine, evals, checkpoints, exact resume.
 
+One loop trains both architectures: a GPT on random windows of text (TokenData), a seq2seq model on length-bucketed
+batches of sentence pairs (PairData: the decoder reads <bos> + target, is scored on target + <eos>, padding ignored).
+
 `train(model_config, train_config, out_dir)` writes into out_dir: the checkpoint (config.json, model.safetensors,
 tokenizer files, trainer_state.pt), metrics.jsonl (one JSON object per log/eval) and loss.png.
 
@@ -32,9 +35,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .checkpoint import CheckpointError, load_checkpoint, load_trainer_state, read_config, save_checkpoint
-from .data import TokenData, load_text
-from .model import GPT, ModelConfig, preset
+from .checkpoint import (CheckpointError, load_checkpoint, load_source_tokenizer, load_trainer_state, read_config,
+                         save_checkpoint)
+from .data import PairData, TokenData, load_pairs, load_text
+from .model import ModelConfig, build_model, preset
 from .tokenizers import get_tokenizer
 
 DEFAULT_MAX_STEPS = 2000  # the horizon when neither max_steps nor time_budget is given
@@ -49,6 +53,8 @@ PRESET_TRAINING = {
     "tiny": dict(lr=5e-3, batch_size=16, warmup_steps=30),
     "llama-tiny": dict(lr=3e-3, batch_size=16, warmup_steps=30),
     "gpt2": dict(lr=6e-4, batch_size=8, warmup_steps=200),
+    "seq2seq": dict(lr=1e-3, batch_tokens=4096, warmup_steps=200, label_smoothing=0.1),
+    "marian": dict(lr=3e-4, batch_tokens=4096, warmup_steps=1000, label_smoothing=0.1),
 }
 
 
@@ -76,7 +82,12 @@ class TrainConfig:
     log_interval: int = 10
     stop_at: int | None = None  # stop (and checkpoint) after this step, keeping the schedule horizon
     tokenizer: str = "char"  # char | bpe:N | cl100k_base
-    data: str | None = None  # file, directory of .txt, glob; None: Python's reference docs
+    data: str | None = None  # file, directory of .txt, glob; None: Python's reference docs. seq2seq: a TSV of pairs
+    # seq2seq only
+    target_data: str | None = None  # the target side as a file aligned line by line with `data` (instead of a TSV)
+    source_tokenizer: str | None = None  # a separate source tokenizer (separate embeddings); None: share `tokenizer`
+    batch_tokens: int = 4096  # tokens per batch a side, padding included (sentences of similar length are batched)
+    label_smoothing: float = 0.0
 
     def __post_init__(self):
         self.validate()
@@ -96,7 +107,7 @@ class TrainConfig:
         def is_num(v):
             return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
-        for name in ("batch_size", "eval_interval", "eval_iters", "log_interval"):
+        for name in ("batch_size", "eval_interval", "eval_iters", "log_interval", "batch_tokens"):
             v = getattr(self, name)
             need(is_int(v) and v > 0, f"{name} must be a positive integer, got {v!r}")
         for name in ("max_steps", "stop_at"):
@@ -124,6 +135,10 @@ class TrainConfig:
              f"tokenizer must be a spec like char, bpe:2048 or cl100k_base, got {self.tokenizer!r}")
         need(self.data is None or (isinstance(self.data, str) and self.data != ""),
              f"data must be a path, a glob or None, got {self.data!r}")
+        need(is_num(self.label_smoothing) and 0 <= self.label_smoothing < 1,
+             f"label_smoothing must be a number in [0, 1), got {self.label_smoothing!r}")
+        need(self.source_tokenizer is None or (isinstance(self.source_tokenizer, str) and self.source_tokenizer),
+             f"source_tokenizer must be a spec like char or bpe:2048, or None, got {self.source_tokenizer!r}")
 
 
 def lr_at(step: int, config: TrainConfig, horizon: int | None) -> float:
@@ -150,25 +165,46 @@ def make_optimizer(model: nn.Module, config: TrainConfig, device: torch.device) 
                              fused=True if device.type == "cuda" else None)
 
 
-def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy over every position. Windows of contiguous text hold no padding; a caller
-    that pads should set those targets to -100 (the ignore index), never to the pad id, which may be eos."""
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0,
+            reduction: str = "mean") -> torch.Tensor:
+    """Next-token cross-entropy, averaged over every position whose target is not -100 (the ignore index: padding;
+    never the pad id, which may be eos)."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100,
+                           label_smoothing=label_smoothing, reduction=reduction)
+
+
+def draw_batch(data, split: str, batch_size: int, context_length: int, generator: torch.Generator, device):
+    """(model inputs, targets) on device: a GPT's random windows, or a bucket of sentence pairs."""
+    if isinstance(data, PairData):
+        inputs, targets = data.batch(split, generator)
+    else:
+        x, targets = data.batch(split, batch_size, context_length, generator)
+        inputs = {"input_ids": x}
+    return {k: v.to(device) for k, v in inputs.items()}, targets.to(device)
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data: TokenData, batch_size: int, iters: int, seed: int, device) -> float:
-    """Mean held-out loss over `iters` batches from a generator seeded afresh, so every eval sees the same batches
-    and the training RNGs are never touched (eval mode: no dropout draws)."""
-    generator = torch.Generator().manual_seed(seed + 1)
+def evaluate(model: nn.Module, data, batch_size: int, iters: int, seed: int, device) -> float:
+    """Mean held-out loss (eval mode: no dropout draws; the training RNGs are never touched). Text: `iters`
+    batches from a generator seeded afresh, so every eval sees the same windows. Pairs: every held-out pair,
+    averaged per target token."""
     was_training = model.training
     model.eval()
-    total = 0.0
-    for _ in range(iters):
-        x, y = data.batch("val", batch_size, model.config.context_length, generator)
-        total += lm_loss(model(x.to(device)), y.to(device)).item()
+    if isinstance(data, PairData):
+        total = count = 0
+        for inputs, targets in data.all_batches("val"):
+            inputs = {k: v.to(device) for k, v in inputs.items()}
+            total += lm_loss(model(**inputs), targets.to(device), reduction="sum").item()
+            count += int((targets != -100).sum())
+        result = total / count
+    else:
+        generator = torch.Generator().manual_seed(seed + 1)
+        result = 0.0
+        for _ in range(iters):
+            inputs, targets = draw_batch(data, "val", batch_size, model.config.context_length, generator, device)
+            result += lm_loss(model(**inputs), targets).item() / iters
     model.train(was_training)
-    return total / iters
+    return result
 
 
 def resume_configs(out_dir) -> tuple[ModelConfig, TrainConfig]:
@@ -196,11 +232,12 @@ def train(model_config: ModelConfig | str | None, train_config: TrainConfig | No
         raise TrainError(f"out_dir {out} is a file, not a directory")
     state = None
     if resume:
-        model_config, cfg, model, tokenizer, state = _load_for_resume(out, model_config, train_config)
+        model_config, cfg, model, tokenizer, source_tokenizer, state = _load_for_resume(out, model_config,
+                                                                                          train_config)
         if cfg.stop_at is not None and cfg.stop_at <= state["step"]:  # the stop that ended the previous session
             cfg = replace(cfg, stop_at=None)
         device = _device(cfg.device)
-        text, description = load_text(cfg.data)
+        text, pairs, description = _load_data(model_config, cfg)
         data_sha = _sha256(text)
         if data_sha != state.get("data_sha256"):
             raise TrainError(f"data {cfg.data or 'pydoc'} changed since the checkpoint in {out} was written; "
@@ -215,26 +252,60 @@ def train(model_config: ModelConfig | str | None, train_config: TrainConfig | No
         if existing is not None and not overwrite:
             raise TrainError(f"out_dir {out} already holds a checkpoint (step {existing}); "
                              f"pass --resume to continue or choose another --out")
-        text, description = load_text(cfg.data)
+        text, pairs, description = _load_data(model_config, cfg)
         data_sha = _sha256(text)
-        tokenizer = get_tokenizer(cfg.tokenizer, text)
-        model_config = model_config.replace(vocab_size=tokenizer.vocab_size)
-    data = TokenData.from_text(text, tokenizer, cfg.val_fraction, model_config.context_length)
+        tokenizer, source_tokenizer, model_config = _make_tokenizers(model_config, cfg, text, pairs)
+    if pairs is not None:
+        data = PairData.from_pairs(pairs, tokenizer, source_tokenizer, cfg.val_fraction, model_config.context_length,
+                                   cfg.batch_tokens)
+    else:
+        data = TokenData.from_text(text, tokenizer, cfg.val_fraction, model_config.context_length)
 
     # Fork the RNGs so training (seeding, dropout) leaves the caller's random state as it was.
     with torch.random.fork_rng(devices=list(range(torch.cuda.device_count())) if device.type == "cuda" else []):
         if state is None:
             torch.manual_seed(cfg.seed)  # the initial weights, then dropout, draw from the global RNG
-            model = GPT(model_config)
-        return _train_loop(model, tokenizer, data, cfg, device, out, state, data_sha, description, progress, log)
+            model = build_model(model_config)
+        return _train_loop(model, tokenizer, source_tokenizer, data, cfg, device, out, state, data_sha, description,
+                           progress, log)
 
 
-def _train_loop(model, tokenizer, data, cfg, device, out, state, data_sha, description, progress, log) -> dict:
+def _load_data(model_config: ModelConfig, cfg: TrainConfig):
+    """-> (all the text, for the data hash and tokenizer training; pairs or None; description)."""
+    if model_config.architecture == "seq2seq":
+        if cfg.data is None:
+            raise TrainError("a seq2seq model trains on sentence pairs: give --data pairs.tsv "
+                             "(source<TAB>target per line) or --data SOURCE --target-data TARGET")
+        pairs, description = load_pairs(cfg.data, cfg.target_data)
+        return "\n".join(f"{s}\t{t}" for s, t in pairs), pairs, description
+    if cfg.target_data is not None or cfg.source_tokenizer is not None:
+        raise TrainError("--target-data and --source-tokenizer are for seq2seq models (--arch seq2seq)")
+    text, description = load_text(cfg.data)
+    return text, None, description
+
+
+def _make_tokenizers(model_config: ModelConfig, cfg: TrainConfig, text: str, pairs):
+    """-> (tokenizer, source tokenizer or None, model config with the vocabulary sizes)."""
+    if pairs is None:
+        tokenizer = get_tokenizer(cfg.tokenizer, text)
+        return tokenizer, None, model_config.replace(vocab_size=tokenizer.vocab_size)
+    if cfg.source_tokenizer is None:  # one vocabulary for both sides, learnt from both
+        tokenizer = get_tokenizer(cfg.tokenizer, text)
+        return tokenizer, None, model_config.replace(vocab_size=tokenizer.vocab_size, share_embeddings=True,
+                                                     src_vocab_size=None)
+    tokenizer = get_tokenizer(cfg.tokenizer, "\n".join(t for _, t in pairs))
+    source_tokenizer = get_tokenizer(cfg.source_tokenizer, "\n".join(s for s, _ in pairs))
+    return tokenizer, source_tokenizer, model_config.replace(
+        vocab_size=tokenizer.vocab_size, share_embeddings=False, src_vocab_size=source_tokenizer.vocab_size)
+
+
+def _train_loop(model, tokenizer, source_tokenizer, data, cfg, device, out, state, data_sha, description, progress,
+                log) -> dict:
     from tqdm.auto import tqdm
 
     say = tqdm.write if log is print else log or (lambda message: None)  # tqdm.write keeps the bar intact
     ctx, vocab = model.config.context_length, model.config.vocab_size
-    tokens_per_step = cfg.batch_size * ctx
+    tokens_per_step = cfg.batch_size * ctx  # text windows; sentence pairs count their real target tokens
     model.to(device).train()
     optimizer = make_optimizer(model, cfg, device)
     data_rng = torch.Generator().manual_seed(cfg.seed)  # batches draw from their own generator, not the global one
@@ -259,7 +330,7 @@ def _train_loop(model, tokenizer, data, cfg, device, out, state, data_sha, descr
     start = time.perf_counter()
     paused = paused_total = 0.0  # seconds spent evaluating and saving: not training throughput
     interval_start = start
-    session_steps, measure_start = 0, None
+    session_steps, session_tokens, measure_start = 0, 0, None
 
     def elapsed() -> float:
         return elapsed_before + time.perf_counter() - start
@@ -277,8 +348,11 @@ def _train_loop(model, tokenizer, data, cfg, device, out, state, data_sha, descr
         now = time.perf_counter()
         train_seconds = max(now - interval_start - paused, 1e-9)
         interval_start, paused = now, 0.0
-        return {"train_loss": loss_sum.item() / loss_count,
-                "tokens_per_s": tokens_per_step * loss_count / train_seconds}
+        nonlocal tokens_done
+        tokens, tokens_done = tokens_done, 0
+        return {"train_loss": loss_sum.item() / loss_count, "tokens_per_s": tokens / train_seconds}
+
+    tokens_done = 0  # training tokens scored since the last log
 
     def eval_record() -> dict:
         val_loss = evaluate(model, data, cfg.batch_size, cfg.eval_iters, cfg.seed, device)
@@ -293,7 +367,8 @@ def _train_loop(model, tokenizer, data, cfg, device, out, state, data_sha, descr
         last_val = next((r for r in reversed(history) if r["val_loss"] is not None), {})
         save_checkpoint(out, model, tokenizer, train_config=asdict(cfg), trainer_state=trainer_state, step=step,
                         extra={"data": description, "metrics": {"val_loss": last_val.get("val_loss"),
-                                                                 "val_bpb": last_val.get("val_bpb")}})
+                                                                 "val_bpb": last_val.get("val_bpb")}},
+                        source_tokenizer=source_tokenizer)
         plot_losses(history, out / "loss.png")
 
     def eval_and_save(record: dict) -> None:
@@ -306,8 +381,12 @@ def _train_loop(model, tokenizer, data, cfg, device, out, state, data_sha, descr
         paused += time.perf_counter() - t0
         paused_total += time.perf_counter() - t0
 
-    say(f"training {model.num_parameters():,} parameters on {device} from {description}: {len(data.train):,} "
-        f"train / {len(data.val):,} held-out tokens ({tokenizer.spec}, vocab {vocab}) -> {out}")
+    if isinstance(data, PairData):
+        size = f"{len(data.pairs['train']):,} train / {len(data.pairs['val']):,} held-out pairs"
+    else:
+        size = f"{len(data.train):,} train / {len(data.val):,} held-out tokens"
+    say(f"training {model.num_parameters():,} parameters ({model.config.architecture}) on {device} from "
+        f"{description}: {size} ({tokenizer.spec}, vocab {vocab}) -> {out}")
     if state is None:
         eval_and_save({})  # step 0: the untrained model's loss, about ln(vocab)
     bar = tqdm(total=horizon, initial=step, disable=not progress, unit="step", dynamic_ncols=True)
@@ -328,8 +407,12 @@ def _train_loop(model, tokenizer, data, cfg, device, out, state, data_sha, descr
             lr = lr_at(step, cfg, horizon)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            x, y = data.batch("train", cfg.batch_size, ctx, data_rng)
-            loss = lm_loss(model(x.to(device)), y.to(device))  # teacher forcing: all positions in parallel
+            inputs, targets = draw_batch(data, "train", cfg.batch_size, ctx, data_rng, device)
+            # teacher forcing: every position predicts its next token in parallel
+            loss = lm_loss(model(**inputs), targets, cfg.label_smoothing)
+            step_tokens = int((targets != -100).sum()) if isinstance(data, PairData) else tokens_per_step
+            tokens_done += step_tokens
+            session_tokens += step_tokens
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip > 0:
@@ -388,7 +471,7 @@ def _train_loop(model, tokenizer, data, cfg, device, out, state, data_sha, descr
         "steps": step, "max_steps": horizon, "stopped": stopped, "interrupted": stopped == "interrupt",
         "train_loss": train_records[-1]["train_loss"] if train_records else None,
         "val_loss": val_records[-1]["val_loss"], "val_bpb": val_records[-1]["val_bpb"],
-        "tokens_per_s": tokens_per_step * session_steps / session_train_seconds if session_steps else None,
+        "tokens_per_s": session_tokens / session_train_seconds if session_steps else None,
         "seconds": elapsed(), "parameters": model.num_parameters(), "checkpoint": str(out),
     }
     say(f"{'interrupted' if stopped == 'interrupt' else 'done'} at step {step} ({stopped}): "
@@ -421,9 +504,11 @@ def _load_for_resume(out: Path, model_config, train_config):
         raise TrainError(f"cannot resume: out_dir {out} holds no checkpoint (no config.json)")
     saved_model, saved_train = resume_configs(out)
     if model_config is not None:
+        check_same_architecture(out, saved_model.architecture, model_config.architecture)
+        from_data = ("vocab_size", "src_vocab_size", "share_embeddings")  # set by the tokenizers, not the user
         diffs = [f"{f.name} {getattr(model_config, f.name)!r} (saved {getattr(saved_model, f.name)!r})"
                  for f in fields(ModelConfig)
-                 if f.name != "vocab_size" and getattr(model_config, f.name) != getattr(saved_model, f.name)]
+                 if f.name not in from_data and getattr(model_config, f.name) != getattr(saved_model, f.name)]
         if diffs:
             raise TrainError(f"cannot resume {out}: the model config differs from the checkpoint's: "
                              f"{'; '.join(diffs)}; pass the saved config (or none)")
@@ -438,11 +523,18 @@ def _load_for_resume(out: Path, model_config, train_config):
                              f"{'; '.join(diffs)}; only {', '.join(SESSION_FIELDS)} may change")
         cfg = train_config
     model, tokenizer, config = load_checkpoint(out)
+    source_tokenizer = load_source_tokenizer(out, config)
     state = load_trainer_state(out)
     if state.get("step") != config.get("step"):
         raise CheckpointError(f"{out}: trainer_state.pt is from step {state.get('step')} but config.json from step "
                               f"{config.get('step')} (a save was interrupted)")
-    return saved_model, cfg, model, tokenizer, state
+    return saved_model, cfg, model, tokenizer, source_tokenizer, state
+
+
+def check_same_architecture(out, saved: str, asked: str) -> None:
+    if saved != asked:
+        raise TrainError(f"cannot resume {out}: it holds a {saved} model, and this run asks for {asked} "
+                         f"(--arch {asked}); resume it as {saved} or train {asked} into another --out")
 
 
 def _existing_step(out: Path):

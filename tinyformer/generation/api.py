@@ -2,6 +2,10 @@
 
 prompts is a string, a list of strings, a list of token ids, or a list of token-id lists; the result mirrors it
 (text for text, ids for ids). Asking for logprobs, a trace or details returns `Completion` objects instead.
+
+For a seq2seq model the prompts are the sources: text is read with the source tokenizer and ends with <eos>
+(token-id prompts are given to the encoder as they are), and the result is the target the decoder writes from
+its start token. Sources are batched with padding, and each one's output equals its output alone.
 """
 from __future__ import annotations
 
@@ -9,8 +13,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .beam import beam_search
-from .decode import TokenStream
+from .beam import beam_search_batch
+from .decode import TokenStream, max_target_tokens, pad_sources
 from .processors import GenerationError, build_processors
 from .text import TextTracker
 from .trace import TraceStep, trace_step
@@ -28,8 +32,8 @@ class Completion:
     trace: list[TraceStep] | None = None
 
 
-def _normalise(prompts, tokenizer) -> tuple[list[list[int]], bool, bool]:
-    """-> (token-id prompts, single, as_text)."""
+def _normalise(prompts, tokenizer, add_eos: bool = False) -> tuple[list[list[int]], bool, bool]:
+    """-> (token-id prompts, single, as_text); add_eos ends each text prompt with <eos> (a seq2seq source)."""
     if isinstance(prompts, str):
         prompts, single, as_text = [prompts], True, True
     elif isinstance(prompts, (list, tuple)) and prompts and all(isinstance(p, int) for p in prompts):
@@ -48,7 +52,7 @@ def _normalise(prompts, tokenizer) -> tuple[list[list[int]], bool, bool]:
         for i, p in enumerate(prompts):
             if not p:
                 raise GenerationError(f"prompt {i} is empty; give at least one character")
-        ids = [tokenizer.encode(p) for p in prompts]
+        ids = [tokenizer.encode(p) + ([tokenizer.eos_id] if add_eos else []) for p in prompts]
     else:
         ids = [list(p) for p in prompts]
     for i, p in enumerate(ids):
@@ -72,7 +76,7 @@ def generate(model, tokenizer, prompts, *, max_new_tokens: int = 64, temperature
              frequency_penalty: float = 0.0, no_repeat_ngram_size: int = 0, stop=None, stop_token_ids=None,
              seed: int | None = None, num_beams: int = 1, length_penalty: float = 1.0, early_stopping: bool = False,
              num_return_sequences: int = 1, logprobs: int | None = None, trace: bool = False, details: bool = False,
-             stream: bool = False, use_cache: bool = True, window: str = "auto"):
+             stream: bool = False, use_cache: bool = True, window: str = "auto", source_tokenizer=None):
     """Generate continuations. See the module docstring for what prompts and the result look like.
 
     logprobs=N returns each chosen token's log-probability and its N best alternatives (N=0: just the token's).
@@ -91,8 +95,25 @@ def generate(model, tokenizer, prompts, *, max_new_tokens: int = 64, temperature
         temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty,
         presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
         no_repeat_ngram_size=no_repeat_ngram_size)
-    ids, single, as_text = _normalise(prompts, tokenizer)
-    check_token_ids(ids, model.config.vocab_size, tokenizer)
+    seq2seq = model.config.architecture == "seq2seq"
+    source_tokenizer = source_tokenizer or tokenizer
+    ids, single, as_text = _normalise(prompts, source_tokenizer if seq2seq else tokenizer, add_eos=seq2seq)
+    sources = None
+    if seq2seq:
+        check_token_ids(ids, model.config.source_vocab_size, source_tokenizer)
+        if max(len(p) for p in ids) > model.config.context_length and model.absolute_positions:
+            longest = max(range(len(ids)), key=lambda i: len(ids[i]))
+            raise GenerationError(f"source {longest} is {len(ids[longest])} tokens with its <eos>, longer than this "
+                                  f"model's {model.config.context_length} source positions; shorten it")
+        start = model.config.decoder_start_id
+        if start is None:
+            start = tokenizer.bos_id if tokenizer is not None else 0
+        source_pad = source_tokenizer.pad_id if source_tokenizer is not None else 0
+        sources = pad_sources(ids, source_pad, next(model.parameters()).device)
+        ids = [[start] for _ in ids]  # what the decoder has written so far
+        max_new_tokens = min(max_new_tokens, max_target_tokens(model))
+    else:
+        check_token_ids(ids, model.config.vocab_size, tokenizer)
     if stop and tokenizer is None:
         raise GenerationError("stop strings need a tokenizer; use stop_token_ids with token-id prompts")
     eos_ids = set(stop_token_ids or [])
@@ -104,18 +125,22 @@ def generate(model, tokenizer, prompts, *, max_new_tokens: int = 64, temperature
     if num_beams != 1:
         if stream:
             raise GenerationError("stream=True cannot be combined with beam search (num_beams > 1)")
-        results = [_beam(model, tokenizer, p, as_text, num_beams=num_beams, max_new_tokens=max_new_tokens,
-                         eos_ids=eos_ids, pad_id=pad_id, length_penalty=length_penalty, early_stopping=early_stopping,
-                         penalties=penalties, use_cache=use_cache, num_return_sequences=num_return_sequences,
-                         window=window)
-                   for p in ids]
+        if trace or logprobs is not None:
+            raise GenerationError("trace and logprobs follow one sampled or greedy path; they cannot be combined "
+                                  "with beam search (num_beams > 1)")
+        searches = beam_search_batch(model, ids, num_beams=num_beams, max_new_tokens=max_new_tokens,
+                                     eos_ids=eos_ids, pad_id=pad_id, length_penalty=length_penalty,
+                                     early_stopping=early_stopping, penalties=penalties, use_cache=use_cache,
+                                     num_return_sequences=num_return_sequences, window=window, sources=sources)
+        results = [_completion(tokenizer, beams, as_text) for beams in searches]
     else:
         if num_return_sequences != 1:
             raise GenerationError("num_return_sequences > 1 needs beam search (num_beams > 1); "
                                   "for several samples pass the prompt several times")
         run = _run(model, tokenizer, ids, as_text, max_new_tokens=max_new_tokens, penalties=penalties,
                    samplers=samplers, greedy=greedy, eos_ids=eos_ids, seed=seed, pad_id=pad_id, stop=stop,
-                   logprobs=logprobs, trace=trace, use_cache=use_cache, window=window)
+                   logprobs=logprobs, trace=trace, use_cache=use_cache, window=window, sources=sources,
+                   source_tokenizer=source_tokenizer)
         if stream:
             return _deltas(run, single)
         results = _drain(run)
@@ -125,7 +150,7 @@ def generate(model, tokenizer, prompts, *, max_new_tokens: int = 64, temperature
 
 
 def _run(model, tokenizer, ids, as_text, *, max_new_tokens, penalties, samplers, greedy, eos_ids, seed, pad_id,
-         stop, logprobs, trace, use_cache, window):
+         stop, logprobs, trace, use_cache, window, sources=None, source_tokenizer=None):
     """Yield (index, delta text or new ids) while generating; return the Completions at the end."""
     trackers = [TextTracker(tokenizer, stop) if tokenizer is not None else None for _ in ids]
     completions = [Completion(None, [], "length", [] if logprobs is not None else None,
@@ -138,7 +163,7 @@ def _run(model, tokenizer, ids, as_text, *, max_new_tokens, penalties, samplers,
     tokens = TokenStream(model, ids, max_new_tokens=max_new_tokens, penalties=penalties, samplers=samplers,
                          greedy=greedy, eos_ids=eos_ids, seed=seed, top_n=top_n,
                          want_logprobs=logprobs is not None or trace, use_cache=use_cache, pad_id=pad_id,
-                         window=window)
+                         window=window, sources=sources, want_attention=trace and sources is not None)
     for step_index, step in enumerate(tokens):
         for k, (row, token) in enumerate(zip(step.rows, step.tokens)):
             done = token in eos_ids
@@ -154,6 +179,8 @@ def _run(model, tokenizer, ids, as_text, *, max_new_tokens, penalties, samplers,
             if trace:
                 c.trace.append(trace_step(tokenizer, step_index, row, token, step.logprobs[k], step.top[k][:5],
                                           tracker.text if tracker is not None else ""))
+                if step.cross_attention is not None:
+                    c.trace[-1].source = _attended(step.cross_attention[k], sources[0][row], source_tokenizer)
             if tracker is not None and tracker.stopped:
                 tokens.finish(row, "stop")
             yield row, tracker.delta() if (as_text and tracker is not None) else ([] if done else [token])
@@ -184,9 +211,14 @@ def _deltas(run, single: bool):
             yield delta if single else (row, delta)
 
 
-def _beam(model, tokenizer, prompt, as_text, **options) -> Completion:
-    beams = beam_search(model, prompt, **options)
+def _attended(weights: torch.Tensor, source_ids: torch.Tensor, source_tokenizer, top: int = 3):
+    """The source tokens a step's cross-attention weighted most: [(token text, weight)]."""
+    values, positions = weights.topk(min(top, len(weights)))
+    shown = (lambda t: source_tokenizer.token_text(t)) if source_tokenizer is not None else str
+    return [(shown(int(source_ids[p])), float(v)) for v, p in zip(values, positions)]
 
+
+def _completion(tokenizer, beams, as_text) -> Completion:
     def completion(beam):
         text = tokenizer.decode(beam.tokens) if as_text else None
         return Completion(text, beam.tokens, beam.finish_reason, score=beam.score)

@@ -1,4 +1,4 @@
-"""Beam search for decoder-only models, scored as transformers does.
+"""Beam search, batched over prompts (decoder-only) or sources (seq2seq), scored as transformers does.
 
 A finished hypothesis scores sum(log p) / generated_length ** length_penalty, the generated length counting <eos>.
 Each step keeps the 2 x num_beams best continuations; an <eos> among the top num_beams finishes a hypothesis, the
@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from .decode import next_logits, prefill, rolls
-from .processors import GenerationError, History
+from .processors import NEG_INF, GenerationError, History
 
 
 @dataclass
@@ -23,9 +23,22 @@ class Beam:
 
 
 @torch.inference_mode()
-def beam_search(model, prompt: list[int], *, num_beams: int, max_new_tokens: int, eos_ids, pad_id: int = 0,
-                length_penalty: float = 1.0, early_stopping: bool = False, penalties=(), use_cache: bool = True,
-                num_return_sequences: int = 1, window: str = "auto") -> list[Beam]:
+def beam_search(model, prompt: list[int], **options) -> list[Beam]:
+    """The best hypotheses for one prompt, best first (see beam_search_batch for the options)."""
+    return beam_search_batch(model, [prompt], **options)[0]
+
+
+@torch.inference_mode()
+def beam_search_batch(model, prompts: list[list[int]], *, num_beams: int, max_new_tokens: int, eos_ids,
+                      pad_id: int = 0, length_penalty: float = 1.0, early_stopping: bool = False, penalties=(),
+                      use_cache: bool = True, num_return_sequences: int = 1, window: str = "auto",
+                      sources=None) -> list[list[Beam]]:
+    """Beam search over a batch of prompts at once: every prompt keeps num_beams rows in one decoder batch, and
+    a prompt whose search is over leaves the batch. A prompt's result never depends on the others in the batch.
+
+    For a seq2seq model, prompts are the decoder's start tokens and sources the encoder inputs (ids, mask), one
+    per prompt; the beams of a source share its cross-attention keys and values in the cache.
+    """
     if not (isinstance(num_beams, int) and num_beams >= 1):
         raise GenerationError(f"num_beams must be a positive integer, got {num_beams}")
     if not 1 <= num_return_sequences <= num_beams:
@@ -33,51 +46,85 @@ def beam_search(model, prompt: list[int], *, num_beams: int, max_new_tokens: int
     eos_ids = set(eos_ids)
     vocab = model.config.vocab_size
     rolling = rolls(model, window)
-    logits, cache = prefill(model, [prompt], pad_id, max_new_tokens, use_cache, rolling)
-    running = [[]]  # generated tokens of each running beam
-    running_scores = torch.zeros(1, device=logits.device)
-    finished: list[Beam] = []
-
-    def add_finished(tokens, logprob, reason):
-        finished.append(Beam(tokens, logprob / (len(tokens) + (reason == "eos")) ** length_penalty, logprob, reason))
-        finished.sort(key=lambda b: b.score, reverse=True)
-        del finished[num_beams:]
-
+    logits, cache = prefill(model, prompts, pad_id, max_new_tokens, use_cache, rolling, sources)
+    searches = [_Search(list(p), num_beams, length_penalty) for p in prompts]
+    active, group = list(range(len(prompts))), 1  # prompts still searching (in row order), rows per prompt
+    scores = torch.zeros(len(prompts), device=logits.device)  # each row's sum of log-probabilities
     for step in range(max_new_tokens):
         logprobs = logits.float().log_softmax(-1)
-        history = History([prompt + tokens for tokens in running])
+        history = History([searches[p].prompt + tokens for p in active for tokens in searches[p].running])
         for penalty in penalties:
             logprobs = penalty(logprobs, history)
-        totals = (running_scores.unsqueeze(1) + logprobs).view(-1)
-        values, indices = totals.topk(min(2 * num_beams, totals.numel()))
+        totals = (scores.unsqueeze(1) + logprobs).view(len(active), group * vocab)
+        values, indices = totals.topk(min(2 * num_beams, group * vocab), dim=1)
         last_step = step == max_new_tokens - 1
-        next_beams, next_tokens, next_scores = [], [], []
-        for rank, (score, index) in enumerate(zip(values.tolist(), indices.tolist())):
+        kept, parents, tokens, next_scores = [], [], [], []
+        for i, (p, row_values, row_indices) in enumerate(zip(active, values.tolist(), indices.tolist())):
+            chosen = searches[p].advance(row_values, row_indices, vocab, eos_ids, last_step, step, early_stopping)
+            if chosen:
+                kept.append(p)
+                for beam, token, score in chosen:
+                    parents.append(i * group + beam)
+                    tokens.append(token)
+                    next_scores.append(score)
+        if not kept:
+            break
+        active, group = kept, num_beams
+        order = torch.tensor(parents, device=logits.device)
+        if cache is not None:
+            cache.select(order, group=num_beams)
+        scores = torch.tensor(next_scores, device=logits.device)
+        rows = [searches[p].prompt + tokens for p in active for tokens in searches[p].running]
+        row_sources = None
+        if sources is not None:  # only read when the step is recomputed (no cache)
+            index = torch.tensor(active, device=logits.device).repeat_interleave(group)
+            row_sources = (sources[0][index], sources[1][index])
+        last = torch.tensor(tokens, device=logits.device)
+        logits, cache = next_logits(model, cache, rows, last, pad_id, max_new_tokens, use_cache, rolling,
+                                    row_sources)
+    return [search.finished[:num_return_sequences] for search in searches]
+
+
+class _Search:
+    """One prompt's beams: the running hypotheses and the best finished ones."""
+
+    def __init__(self, prompt: list[int], num_beams: int, length_penalty: float):
+        self.prompt, self.num_beams, self.length_penalty = prompt, num_beams, length_penalty
+        self.running: list[list[int]] = [[]]  # generated tokens of each running beam
+        self.finished: list[Beam] = []
+
+    def _finish(self, tokens: list[int], logprob: float, reason: str) -> None:
+        length = len(tokens) + (reason == "eos")
+        self.finished.append(Beam(tokens, logprob / length ** self.length_penalty, logprob, reason))
+        self.finished.sort(key=lambda b: b.score, reverse=True)
+        del self.finished[self.num_beams:]
+
+    def advance(self, values, indices, vocab, eos_ids, last_step, step, early_stopping):
+        """Take this step's best 2 x num_beams candidates (sorted); -> the num_beams (parent beam, token, score)
+        to run on, or None when this prompt's search is over."""
+        K = self.num_beams
+        chosen = []
+        for rank, (score, index) in enumerate(zip(values, indices)):
+            if score == NEG_INF:
+                break  # only dead beams (padding, below) or banned tokens remain
             beam, token = divmod(index, vocab)
             if token in eos_ids or last_step:
-                if rank < num_beams:  # only the top num_beams may finish; the rest are spares
-                    reason = "eos" if token in eos_ids else "length"
-                    add_finished(running[beam] + ([] if token in eos_ids else [token]), score, reason)
+                if rank < K:  # only the top num_beams may finish; the rest are spares
+                    ended = token in eos_ids
+                    self._finish(self.running[beam] + ([] if ended else [token]), score, "eos" if ended else "length")
                 continue
-            if len(next_beams) < num_beams:
-                next_beams.append(beam)
-                next_tokens.append(token)
-                next_scores.append(score)
-        if last_step or not next_beams:
-            break
-        if len(finished) == num_beams:
+            if len(chosen) < K:
+                chosen.append((beam, token, score))
+        if last_step or not chosen:
+            return None
+        if len(self.finished) == K:
             if early_stopping:
-                break
+                return None
             # transformers' heuristic: the best running beam, scored at its current length, cannot win any more
-            best_running = next_scores[0] / (step + 1) ** length_penalty
-            if best_running <= finished[-1].score:
-                break
-        running = [running[b] + [t] for b, t in zip(next_beams, next_tokens)]
-        running_scores = torch.tensor(next_scores, device=logits.device)
-        order = torch.tensor(next_beams, device=logits.device)
-        if cache is not None:
-            cache.select(order)
-        last = torch.tensor(next_tokens, device=logits.device)
-        logits, cache = next_logits(model, cache, [prompt + r for r in running], last, pad_id, max_new_tokens,
-                                    use_cache, rolling)
-    return finished[:num_return_sequences]
+            if chosen[0][2] / (step + 1) ** self.length_penalty <= self.finished[-1].score:
+                return None
+        # Every prompt keeps exactly num_beams rows (its source's cross-attention is shared by a fixed group);
+        # when fewer continuations exist (a tiny vocabulary), dead beams scored -inf fill the group.
+        chosen += [(chosen[0][0], chosen[0][1], NEG_INF)] * (K - len(chosen))
+        self.running = [self.running[beam] + [token] for beam, token, _ in chosen]
+        return chosen

@@ -1,15 +1,22 @@
-"""Preallocated key/value cache: written in place by position, rolled as a ring once full (RoPE models)."""
+"""Preallocated key/value cache: written in place by position, rolled as a ring once full (RoPE models); for
+seq2seq models it also holds the encoded source and each decoder layer's cross-attention keys and values."""
 from __future__ import annotations
 
 import torch
 
-from ..model.gpt import padded_causal_mask
+from ..model.layers import padded_causal_mask
 
 
 def kv_cache_bytes(config, batch_size: int, length: int, dtype: torch.dtype = torch.float32) -> int:
     """2 (keys and values) x layers x kv_heads x head_dim x length x batch x bytes per element."""
     element = torch.empty((), dtype=dtype).element_size()
     return 2 * config.n_layers * config.kv_heads * config.hidden_head_dim * length * batch_size * element
+
+
+def cross_cache_bytes(config, sources: int, source_length: int, dtype: torch.dtype = torch.float32) -> int:
+    """Cross-attention keys and values: 2 x decoder layers x kv_heads x head_dim x source length x sources x bytes
+    (one copy per source, shared by its beams)."""
+    return kv_cache_bytes(config, sources, source_length, dtype)
 
 
 class KVCache:
@@ -32,6 +39,32 @@ class KVCache:
         self.capacity, self.rolling, self.length = capacity, rolling, 0
         self.padded = False  # some slot in use holds padding, so masks are needed
         self._slots, self._read = slice(0, 0), 0
+        self.memory = self.memory_mask = None  # seq2seq: encoder output [sources, S, D] and its key mask
+        self.cross: list = []  # seq2seq: per decoder layer, (k, v) [sources, kv_heads, S, head_dim]
+
+    def set_memory(self, memory: torch.Tensor, memory_mask) -> None:
+        """The encoded source; batch rows are grouped by source (rows // group belong to one source)."""
+        self.memory, self.memory_mask = memory, memory_mask
+        self.cross = [None] * self.k.shape[0]
+
+    @property
+    def group(self) -> int:
+        """Decoder rows per source (the beams of beam search; 1 otherwise)."""
+        return self.batch_size // (self.cross_sources or self.batch_size)
+
+    @property
+    def cross_sources(self) -> int:
+        if self.memory is not None:
+            return self.memory.shape[0]
+        return self.cross[0][0].shape[0] if self.cross and self.cross[0] is not None else 0
+
+    def cross_kv(self, layer: int, attention, memory) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer `layer`'s cross-attention keys and values, projected from the source once and then reused."""
+        if self.cross[layer] is None:
+            self.cross[layer] = attention.project_kv(self.memory if memory is None else memory)
+            if all(kv is not None for kv in self.cross):
+                self.memory = None  # every layer has projected it: the encoder output is no longer needed
+        return self.cross[layer]
 
     @property
     def batch_size(self) -> int:
@@ -84,8 +117,25 @@ class KVCache:
     def advance(self, T: int) -> None:
         self.length += T
 
-    def select(self, rows: torch.Tensor) -> None:
-        """Keep (and reorder) batch rows: beam search reorders beams, finished rows are dropped."""
+    def _select_sources(self, rows: torch.Tensor, old_group: int, new_group: int) -> None:
+        """Follow a row selection on the per-source tensors. Rows come in whole groups, ordered by source (beam
+        search reorders beams only within their source, and drops a source's beams together)."""
+        sources = rows[::new_group] // old_group
+        if len(sources) == self.cross_sources and bool((sources == torch.arange(len(sources), device=rows.device)).all()):
+            return
+        self.cross = [None if kv is None else (kv[0].index_select(0, sources), kv[1].index_select(0, sources))
+                      for kv in self.cross]
+        if self.memory is not None:
+            self.memory = self.memory.index_select(0, sources)
+        mask, causal = self.memory_mask
+        self.memory_mask = (None if mask is None else mask.index_select(0, sources), causal)
+
+    def select(self, rows: torch.Tensor, group: int | None = None) -> None:
+        """Keep (and reorder) batch rows: beam search reorders beams, finished rows are dropped. `group` is the new
+        number of rows per source (seq2seq), when it changes (beam search spreading one row into its beams)."""
+        old_group = self.group
+        if self.memory_mask is not None:
+            self._select_sources(rows, old_group, group or old_group)
         if len(rows) == self.batch_size:
             if rows.tolist() == list(range(len(rows))):
                 return
@@ -98,3 +148,70 @@ class KVCache:
         self.key_valid = self.key_valid.index_select(0, rows)
         self.next_position = self.next_position.index_select(0, rows)
         self.padded = self.padded and not bool(self.key_valid[:, :min(self.length, self.capacity)].all())
+
+    # ---- continuous batching (generation/batcher.py): rows join and leave a running batch between steps.
+    # Rows share slot indices, so a row that joins is right-aligned with the others (its last token sits just
+    # before the next write) and the slots before its first token are padding for it. Only for caches that
+    # have not wrapped (the batcher keeps every row inside the context window).
+
+    def add_rows(self, other: "KVCache") -> None:
+        """Append the rows of `other` (a freshly prefilled cache) to this batch."""
+        if self.length > self.capacity or other.length > other.capacity:
+            raise ValueError("add_rows needs caches that have not wrapped")
+        shift = max(0, other.length - self.length)  # other holds more tokens: move this batch right to match
+        length = self.length + shift
+        if shift or length > self.capacity:
+            self._resize(max(self.capacity, length), shift)
+        start = length - other.length
+        rows = other.batch_size
+        # zeros, not empty: attention reads the padding slots with weight 0, and 0 x NaN garbage would be NaN
+        k = self.k.new_zeros(self.k.shape[:1] + (rows,) + self.k.shape[2:])
+        v = self.v.new_zeros(k.shape)
+        k[:, :, :, start:length] = other.k[:, :, :, :other.length]
+        v[:, :, :, start:length] = other.v[:, :, :, :other.length]
+        valid = torch.zeros(rows, self.capacity, dtype=torch.bool, device=self.key_valid.device)
+        valid[:, start:length] = other.key_valid[:, :other.length]
+        self.k, self.v = torch.cat((self.k, k), 1), torch.cat((self.v, v), 1)
+        self.key_valid = torch.cat((self.key_valid, valid))
+        self.next_position = torch.cat((self.next_position, other.next_position))
+        self._refresh_padded()
+
+    def reserve(self, tokens: int, limit: int) -> None:
+        """Make room for `tokens` more writes: drop leading slots no row uses, else grow (to at most `limit`)."""
+        if self.length + tokens <= self.capacity:
+            return
+        self.compact()
+        if self.length + tokens > self.capacity:
+            capacity = min(limit, max(2 * self.capacity, self.length + tokens))
+            if self.length + tokens > capacity:
+                raise ValueError(f"{self.length + tokens} tokens do not fit the limit of {limit} slots")
+            self._resize(capacity, 0)
+
+    def compact(self) -> None:
+        """Move every row left over the leading slots that no row uses any more (their rows have left)."""
+        used = self.key_valid[:, :self.length].any(0)
+        first = int(used.int().argmax()) if bool(used.any()) else self.length
+        if first == 0:
+            return
+        kept = self.length - first
+        for buffer in (self.k, self.v):
+            buffer[:, :, :, :kept] = buffer[:, :, :, first:self.length].clone()
+        self.key_valid[:, :kept] = self.key_valid[:, first:self.length].clone()
+        self.length = kept
+        self._refresh_padded()
+
+    def _resize(self, capacity: int, shift: int) -> None:
+        """Reallocate to `capacity` slots, moving the filled slots `shift` to the right (new slots are padding)."""
+        L, B, H, _, D = self.k.shape
+        k, v = self.k.new_empty((L, B, H, capacity, D)), self.v.new_empty((L, B, H, capacity, D))
+        k[:, :, :, :shift], v[:, :, :, :shift] = 0, 0  # padding that attention reads with weight 0
+        k[:, :, :, shift:shift + self.length] = self.k[:, :, :, :self.length]
+        v[:, :, :, shift:shift + self.length] = self.v[:, :, :, :self.length]
+        valid = torch.zeros(B, capacity, dtype=torch.bool, device=self.key_valid.device)
+        valid[:, shift:shift + self.length] = self.key_valid[:, :self.length]
+        self.k, self.v, self.key_valid = k, v, valid
+        self.capacity, self.length = capacity, self.length + shift
+        self._refresh_padded()
+
+    def _refresh_padded(self) -> None:
+        self.padded = not bool(self.key_valid[:, :self.length].all())

@@ -6,6 +6,9 @@ costing work. When the text outgrows the context window it slides: RoPE models r
 relative positions: each token attends to the cached keys of the last `context_length` tokens, i.e. sliding-window
 attention as in Mistral), models with absolute positions recompute the window, which equals running the model on the
 last `context_length` tokens. `window="recompute"` asks for that exact cropping on RoPE models too.
+
+Seq2seq models decode the same way: every row starts from the decoder's start token, and `sources` (the encoder's
+input ids and mask, one row per decoder row) is encoded once at prefill and kept in the cache.
 """
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ class Step:
     tokens: list[int]
     logprobs: list[float] | None = None  # log-probability of each chosen token under the model
     top: list[list[tuple[int, float]]] | None = None  # each row's top-N (token, logprob) alternatives
+    cross_attention: torch.Tensor | None = None  # seq2seq: [rows, source length], averaged over layers and heads
 
 
 def sample(logits: torch.Tensor, samplers, history: History, generator: torch.Generator) -> torch.Tensor:
@@ -61,16 +65,36 @@ def rolls(model, window: str) -> bool:
     """Whether the cache rolls once the context window is full (else the window is recomputed)."""
     if window not in WINDOWS:
         raise GenerationError(f"window {window!r} is not one of {', '.join(WINDOWS)}")
+    if model.config.architecture == "seq2seq":
+        return False  # the target is capped at the decoder's positions instead (see max_target_tokens)
     if window == "roll" and model.absolute_positions:
         raise GenerationError(f"window='roll' needs relative (rope) positions; this model's are "
                               f"{model.config.positional!r}, use 'recompute' or 'auto'")
     return window == "roll" or (window == "auto" and not model.absolute_positions)
 
 
-def prefill(model, rows: list[list[int]], pad_id: int, room: int, use_cache: bool = True, rolling: bool = False):
+def max_target_tokens(model) -> int | None:
+    """How many tokens a seq2seq decoder can write (its positions); None: no limit (the window slides)."""
+    return model.config.context_length if model.config.architecture == "seq2seq" else None
+
+
+def pad_sources(sources: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad encoder inputs -> (ids [B, S], mask [B, S]); right padding keeps each source's positions."""
+    width = max(len(s) for s in sources)
+    ids = torch.full((len(sources), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sources), width), dtype=torch.long)
+    for i, s in enumerate(sources):
+        ids[i, :len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[i, :len(s)] = 1
+    return ids.to(device), mask.to(device)
+
+
+def prefill(model, rows: list[list[int]], pad_id: int, room: int, use_cache: bool = True, rolling: bool = False,
+            sources=None, record_attention: bool = False):
     """Run the model on each row's last `context_length` tokens -> (last logits [B, V], fresh cache or None).
 
-    `room` is how many more tokens may follow, so the cache is sized to what will be used.
+    `room` is how many more tokens may follow, so the cache is sized to what will be used. `sources` (seq2seq):
+    (ids, mask) of the encoder input of each row.
     """
     window = model.config.context_length
     ids, mask = left_pad([r[-window:] for r in rows], pad_id, next(model.parameters()).device)
@@ -79,15 +103,24 @@ def prefill(model, rows: list[list[int]], pad_id: int, room: int, use_cache: boo
         param = next(model.parameters())
         capacity = min(window, max(len(r) for r in rows) + room)
         cache = KVCache(model.config, len(rows), capacity, param.dtype, param.device, rolling=rolling)
-    return model(ids, attention_mask=mask, cache=cache, last_only=True)[:, -1], cache
+    extra = {} if sources is None else {"source_ids": sources[0], "source_mask": sources[1]}
+    logits = model(ids, attention_mask=mask, cache=cache, last_only=True, record_attention=record_attention, **extra)
+    return logits[:, -1], cache
 
 
 def next_logits(model, cache, rows: list[list[int]], last: torch.Tensor, pad_id: int, room: int,
-                use_cache: bool = True, rolling: bool = False):
-    """Logits after appending `last` [B] (already in `rows`): one cached step, or a recomputed window."""
+                use_cache: bool = True, rolling: bool = False, sources=None, record_attention: bool = False):
+    """Logits after appending `last` [B] (already in `rows`): one cached step, or a recomputed window (for a
+    seq2seq model, `sources` are then encoded again)."""
     if cache is not None and (cache.length < cache.capacity or cache.rolling):
-        return model(last.unsqueeze(1), cache=cache)[:, -1], cache
-    return prefill(model, rows, pad_id, room, use_cache, rolling)
+        return model(last.unsqueeze(1), cache=cache, record_attention=record_attention)[:, -1], cache
+    return prefill(model, rows, pad_id, room, use_cache, rolling, sources, record_attention)
+
+
+def cross_attention(model) -> torch.Tensor:
+    """The last step's cross-attention, [rows, source length], averaged over decoder layers and heads."""
+    weights = [block.cross_attn.last_weights[:, :, -1] for block in model.decoder]  # [rows, heads, S] each
+    return torch.stack(weights).mean(dim=(0, 2))
 
 
 class TokenStream:
@@ -95,8 +128,11 @@ class TokenStream:
 
     def __init__(self, model, prompts: list[list[int]], *, max_new_tokens: int, penalties=(), samplers=(),
                  greedy: bool = True, eos_ids=(), seed: int | None = None, top_n: int = 0, want_logprobs=False,
-                 use_cache: bool = True, pad_id: int = 0, window: str = "auto"):
-        self.model, self.prompts = model, prompts
+                 use_cache: bool = True, pad_id: int = 0, window: str = "auto", sources=None,
+                 want_attention: bool = False):
+        """prompts: each row's tokens so far (for a seq2seq model, the decoder's start token); sources: the
+        encoder inputs (ids, mask) of a seq2seq model, one per prompt; want_attention: fill Step.cross_attention."""
+        self.model, self.prompts, self.sources, self.want_attention = model, prompts, sources, want_attention
         self.max_new_tokens, self.penalties, self.samplers, self.greedy = max_new_tokens, penalties, samplers, greedy
         self.eos_ids = set(eos_ids)
         self.top_n, self.want_logprobs = top_n, want_logprobs or top_n > 0
@@ -123,8 +159,9 @@ class TokenStream:
             history.generated_counts = torch.zeros(len(self.prompts), vocab, device=self.device)
         active = list(range(len(self.prompts)))
         room = self.max_new_tokens
+        sources = self.sources
         logits, self.cache = prefill(self.model, history.tokens, self.pad_id, room, self.use_cache,
-                                     self.rolling)
+                                     self.rolling, sources, self.want_attention)
         for step in range(self.max_new_tokens):
             logits = logits.float()
             logprobs = logits.log_softmax(-1) if self.want_logprobs else None
@@ -136,6 +173,8 @@ class TokenStream:
                 chosen = sample(logits, self.samplers, history, self.generator)
             tokens = chosen.tolist()
             out = Step(list(active), tokens)
+            if self.want_attention:
+                out.cross_attention = cross_attention(self.model)
             if logprobs is not None:
                 out.logprobs = logprobs.gather(1, chosen.unsqueeze(1)).squeeze(1).tolist()
                 if self.top_n:
@@ -160,7 +199,10 @@ class TokenStream:
                 active = [active[i] for i in keep]
                 history.select(keep)
                 chosen = chosen[keep]
+                keep_rows = torch.tensor(keep, device=self.device)
                 if self.cache is not None:
-                    self.cache.select(torch.tensor(keep, device=self.device))
+                    self.cache.select(keep_rows)
+                if sources is not None:
+                    sources = (sources[0][keep_rows], sources[1][keep_rows])
             logits, self.cache = next_logits(self.model, self.cache, history.tokens, chosen, self.pad_id, room,
-                                             self.use_cache, self.rolling)
+                                             self.use_cache, self.rolling, sources, self.want_attention)

@@ -32,6 +32,9 @@ QUANTIZE = ("f32", "f16", "q8_0")
 def gguf_family(config) -> str:
     """'gpt2' or 'llama', or a CheckpointError naming the setting llama.cpp's architectures cannot express."""
     c = config
+    if getattr(c, "architecture", "gpt") != "gpt":
+        raise CheckpointError(f"GGUF export: architecture {c.architecture!r} is not supported (decoder-only GPT "
+                              f"and Llama models are)")
     gpt2 = dict(positional="learned", norm="layernorm", mlp="gelu", gelu_approximate="tanh", bias=True,
                 lm_head_bias=False)
     llama = dict(positional="rope", norm="rmsnorm", mlp="swiglu", bias=False, lm_head_bias=False)

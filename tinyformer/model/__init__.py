@@ -1,4 +1,12 @@
 from .config import PRESETS, ConfigError, ModelConfig, preset
 from .gpt import GPT
+from .seq2seq import Seq2Seq
 
-__all__ = ["GPT", "ModelConfig", "ConfigError", "PRESETS", "preset"]
+
+
+def build_model(config: ModelConfig):
+    """The model a config describes: GPT or Seq2Seq, by config.architecture."""
+    return Seq2Seq(config) if config.architecture == "seq2seq" else GPT(config)
+
+
+__all__ = ["GPT", "Seq2Seq", "build_model", "ModelConfig", "ConfigError", "PRESETS", "preset"]
