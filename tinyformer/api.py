@@ -17,6 +17,9 @@ class LanguageModel:
                  pack: bool = True, source_tokenizer=None):
         self.model, self.tokenizer, self.config, self.source = model, tokenizer, config or {}, source
         self.source_tokenizer = source_tokenizer or tokenizer
+        # options the model's own config sets for generation (a Marian model bans <pad> and forces a final <eos>,
+        # as transformers does); anything passed to generate() overrides them
+        self.generation_defaults = dict(self.config.get("generation") or {})
         if pack and hasattr(model, "pack_for_inference"):
             model.pack_for_inference()  # fast CPU decode layout; a no-op for the values
 
@@ -27,7 +30,8 @@ class LanguageModel:
     def generate(self, prompts, **options):
         from .generation.api import generate
 
-        return generate(self.model, self.tokenizer, prompts, source_tokenizer=self.source_tokenizer, **options)
+        return generate(self.model, self.tokenizer, prompts, source_tokenizer=self.source_tokenizer,
+                        **{**self.generation_defaults, **options})
 
     @property
     def is_seq2seq(self) -> bool:
@@ -48,7 +52,7 @@ def resolve_device(device: str | None) -> str:
 
 
 def load(path, device: str | None = "auto") -> LanguageModel:
-    """Load a tinyformer checkpoint, a Hugging Face GPT-2/Llama directory, or the tutorial's .ckpt file."""
+    """Load a tinyformer checkpoint, a Hugging Face GPT-2/Llama/Marian directory, or the tutorial's .ckpt file."""
     device = resolve_device(device)
     path = Path(path)
     if not path.exists():
@@ -60,8 +64,8 @@ def load(path, device: str | None = "auto") -> LanguageModel:
     if path.is_dir() and (path / "config.json").is_file():
         from .interop.hf import load_hf
 
-        model, tokenizer, config = load_hf(path, device)
-        return LanguageModel(model, tokenizer, config, str(path))
+        model, tokenizer, config, source_tokenizer = load_hf(path, device)
+        return LanguageModel(model, tokenizer, config, str(path), source_tokenizer=source_tokenizer)
     if path.is_file():
         from .interop.book import load_book
 

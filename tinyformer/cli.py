@@ -257,7 +257,8 @@ def cmd_export(args) -> int:
     from .interop.hf import export_hf
 
     lm = load(args.checkpoint, device="cpu")
-    notes = export_hf(lm.model, lm.tokenizer, args.out_dir) or []
+    notes = export_hf(lm.model, lm.tokenizer, args.out_dir, source_tokenizer=lm.source_tokenizer,
+                      generation=lm.generation_defaults) or []
     _emit(args, {"out_dir": args.out_dir, "format": args.format, "notes": list(notes)},
           "\n".join([f"exported {args.checkpoint} -> {args.out_dir} (Hugging Face format)", *notes]))
     return 0
