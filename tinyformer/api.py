@@ -18,6 +18,9 @@ class LanguageModel:
                  pack: bool = True, source_tokenizer=None):
         self.model, self.tokenizer, self.config, self.source = model, tokenizer, config or {}, source
         self.source_tokenizer = source_tokenizer or tokenizer
+        # options the model's own config sets for generation (a Marian model bans <pad> and forces a final <eos>,
+        # as transformers does); anything passed to generate() overrides them
+        self.generation_defaults = dict(self.config.get("generation") or {})
         if pack:
             quant.pack(model)  # fast CPU decode kernels; a no-op for the values
 
@@ -28,7 +31,8 @@ class LanguageModel:
     def generate(self, prompts, **options):
         from .generation.api import generate
 
-        return generate(self.model, self.tokenizer, prompts, source_tokenizer=self.source_tokenizer, **options)
+        return generate(self.model, self.tokenizer, prompts, source_tokenizer=self.source_tokenizer,
+                        **{**self.generation_defaults, **options})
 
     @property
     def is_seq2seq(self) -> bool:
@@ -49,7 +53,7 @@ def resolve_device(device: str | None) -> str:
 
 
 def load(path, device: str | None = "auto", dtype: str | None = None, quantize: str | None = None) -> LanguageModel:
-    """Load a tinyformer checkpoint, a Hugging Face GPT-2/Llama directory, or the tutorial's .ckpt file.
+    """Load a tinyformer checkpoint, a Hugging Face GPT-2/Llama/Marian directory, or the tutorial's .ckpt file.
 
     dtype ("float32", "bfloat16", "float16") casts the model; quantize="int8" stores its matrices as int8
     (model/quant.py). None keeps the file's precision (float32 unless it was saved quantized or cast).
@@ -69,7 +73,7 @@ def load(path, device: str | None = "auto", dtype: str | None = None, quantize: 
     elif path.is_dir() and (path / "config.json").is_file():
         from .interop.hf import load_hf
 
-        model, tokenizer, config = load_hf(path, device)
+        model, tokenizer, config, source_tokenizer = load_hf(path, device)
     elif path.is_file():
         from .interop.book import load_book
 

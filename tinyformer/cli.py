@@ -337,7 +337,8 @@ def cmd_export(args) -> int:
 
         if args.quantize:
             raise ValueError("--quantize is for --format gguf; Hugging Face export writes the model's own dtype")
-        notes = export_hf(lm.model, lm.tokenizer, args.out) or []
+        notes = export_hf(lm.model, lm.tokenizer, args.out, source_tokenizer=lm.source_tokenizer,
+                          generation=lm.generation_defaults) or []
         what = "Hugging Face format"
     _emit(args, {"out_dir": args.out, "format": args.format, "quantize": args.quantize, "notes": list(notes)},
           "\n".join([f"exported {args.checkpoint} -> {args.out} ({what})", *notes]))
