@@ -66,7 +66,7 @@ def _emit(args, data, text: str | None = None) -> None:
 def cmd_train(args) -> int:
     from .checkpoint import read_config
     from .model import ModelConfig, preset
-    from .train import PRESET_TRAINING, TrainConfig, check_same_architecture, train
+    from .train import PRESET_TRAINING, TrainConfig, check_same_architecture, process_rank, train
 
     model_overrides = _given(args, ModelConfig, skip=("vocab_size",))
     train_overrides = _given(args, TrainConfig)
@@ -89,6 +89,8 @@ def cmd_train(args) -> int:
         train_config = TrainConfig(**{**PRESET_TRAINING.get(name, {}), **train_overrides})
     summary = train(model_config, train_config, args.out, resume=args.resume, overwrite=args.overwrite,
                     progress=not args.json and not args.quiet, log=(lambda *a, **k: None) if args.json else print)
+    if process_rank()[0] != 0:
+        return 0  # under torchrun only rank 0 speaks
     _emit(args, summary, None)
     if not args.json:
         print(f"checkpoint: {args.out}   val loss {summary.get('val_loss', float('nan')):.4f}   "

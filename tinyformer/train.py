@@ -439,6 +439,7 @@ def _train_loop(model, tokenizer, source_tokenizer, data, cfg, device, out, stat
         total = loss_sum.clone()
         if world > 1:  # the mean over every process's share of the global batch
             torch.distributed.all_reduce(total)
+            total /= world
         return {"train_loss": total.item() / loss_count, "tokens_per_s": tokens / train_seconds}
 
     def eval_record() -> dict:
