@@ -174,8 +174,9 @@ def make_optimizer(model: nn.Module, config: TrainConfig, device: torch.device) 
     params = [p for _, p in model.named_parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if id(p) in linear], "weight_decay": config.weight_decay},
               {"params": [p for p in params if id(p) not in linear], "weight_decay": 0.0}]
+    # The fused kernel (CUDA, and CPU since torch 2.4) updates every tensor in one pass; elsewhere the default.
     return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2),
-                             fused=True if device.type == "cuda" else None)
+                             fused=True if device.type in ("cuda", "cpu") else None)
 
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0,
