@@ -128,3 +128,24 @@ def test_a_diverging_run_stops_and_keeps_the_last_good_checkpoint(text_file, tmp
     assert all(r["val_loss"] is None or math.isfinite(r["val_loss"]) for r in metrics(out))
     with pytest.raises(TrainError, match="diverged"):  # the kept checkpoint resumes (and diverges again)
         train(None, None, out, resume=True, **QUIET)
+
+
+def test_metrics_record_tokens_memory_bpb_and_plot_overlays_runs(text_file, tmp_path, capsys):
+    from tinyformer.cli import main
+
+    for name, lr in (("slow", 1e-3), ("fast", 3e-3)):
+        train(tiny(), quick(text_file, lr=lr, max_steps=10, eval_interval=5, log_interval=5), tmp_path / name,
+              **QUIET)
+    records = metrics(tmp_path / "fast")
+    assert [r["tokens"] for r in records] == [0, 5 * 8 * 16, 10 * 8 * 16]  # step x batch x context
+    assert all(r["peak_rss_mb"] > 10 for r in records)
+    assert all(r["lr"] > 0 for r in records) and records[-1]["tokens_per_s"] > 0
+    # ASCII text, one character per token: bits per byte is the loss in bits.
+    assert records[-1]["val_bpb"] == pytest.approx(records[-1]["val_loss"] / math.log(2), rel=1e-12)
+    out = tmp_path / "curves.png"
+    assert main(["plot", str(tmp_path / "slow"), str(tmp_path / "fast"), "--x", "tokens", "--out", str(out)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main(["plot", str(tmp_path), "--out", str(tmp_path / "bad.png")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == f"tinyformer plot: error: {tmp_path} is not a training run: no metrics.jsonl in it"
+    assert not (tmp_path / "bad.png").exists()

@@ -99,6 +99,14 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_plot(args) -> int:
+    from .train import plot_runs
+
+    plot_runs(args.runs, args.out, x=args.x)
+    print(f"wrote {args.out}")
+    return 0
+
+
 # ---------------------------------------------------------------- generate
 def cmd_generate(args) -> int:
     from .api import load
@@ -389,6 +397,12 @@ def build_parser() -> argparse.ArgumentParser:
                         aliases={"architecture": "--arch"}, choices={"architecture": ARCHITECTURES})
     add_dataclass_flags(p, TrainConfig, group_title="training")
     p.set_defaults(func=cmd_train)
+
+    p = command("plot", "overlay the val-loss curves of training runs (their metrics.jsonl) in one PNG")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR")
+    p.add_argument("--out", default="curves.png", help="PNG to write (default: curves.png)")
+    p.add_argument("--x", default="step", choices=("step", "tokens", "elapsed"), help="x axis (default: step)")
+    p.set_defaults(func=cmd_plot)
 
     p = command("generate", "generate text from a checkpoint, a Hugging Face directory or a tutorial .ckpt")
     p.add_argument("checkpoint")

@@ -661,15 +661,42 @@ def keep_step_copy(out: Path, step: int, keep: int) -> None:
 
 def plot_losses(history: list[dict], path: Path) -> None:
     """Train and val loss against step, as a PNG written atomically (matplotlib's Agg canvas, no pyplot state)."""
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(7, 4.5))
-    ax = fig.add_subplot()
+    fig, ax = _figure()
     for key, label, marker in (("train_loss", "train", None), ("val_loss", "val", "o")):
         points = [(r["step"], r[key]) for r in history if r[key] is not None]
         if points:
             ax.plot(*zip(*points), label=label, marker=marker, markersize=3)
-    ax.set_xlabel("step")
+    _save_figure(fig, ax, "step", path)
+
+
+def plot_runs(run_dirs, path, x: str = "step") -> None:
+    """Overlay several runs' val-loss curves (from each run's metrics.jsonl) against step, tokens or elapsed."""
+    fig, ax = _figure()
+    for run in map(Path, run_dirs):
+        metrics = run / "metrics.jsonl"
+        if not metrics.is_file():
+            raise TrainError(f"{run} is not a training run: no metrics.jsonl in it")
+        try:
+            records = [json.loads(line) for line in metrics.read_text("utf-8").splitlines() if line.strip()]
+        except ValueError as error:
+            raise TrainError(f"{metrics} is corrupted: {error}") from None
+        points = [(r.get(x), r["val_loss"]) for r in records if r.get("val_loss") is not None and r.get(x) is not None]
+        if not points:
+            raise TrainError(f"{run} has no val-loss records with {x!r} in metrics.jsonl")
+        ax.plot(*zip(*points), label=run.name or str(run), marker="o", markersize=3)
+    ax.set_title("val loss")
+    _save_figure(fig, ax, {"elapsed": "seconds"}.get(x, x), Path(path))
+
+
+def _figure():
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4.5))
+    return fig, fig.add_subplot()
+
+
+def _save_figure(fig, ax, xlabel: str, path: Path) -> None:
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("loss (nats per token)")
     ax.grid(alpha=0.3)
     ax.legend()
