@@ -75,7 +75,7 @@ def _emit(args, data, text: str | None = None) -> None:
 def cmd_train(args) -> int:
     from .checkpoint import read_config
     from .model import ModelConfig, preset
-    from .train import PRESET_TRAINING, TrainConfig, check_same_architecture, train
+    from .train import PRESET_TRAINING, TrainConfig, check_same_architecture, process_rank, train
 
     model_overrides = _given(args, ModelConfig, skip=("vocab_size",))
     train_overrides = _given(args, TrainConfig)
@@ -98,11 +98,21 @@ def cmd_train(args) -> int:
         train_config = TrainConfig(**{**PRESET_TRAINING.get(name, {}), **train_overrides})
     summary = train(model_config, train_config, args.out, resume=args.resume, overwrite=args.overwrite,
                     progress=not args.json and not args.quiet, log=(lambda *a, **k: None) if args.json else print)
+    if process_rank()[0] != 0:
+        return 0  # under torchrun only rank 0 speaks
     _emit(args, summary, None)
     if not args.json:
         print(f"checkpoint: {args.out}   val loss {summary.get('val_loss', float('nan')):.4f}   "
               f"bits/byte {summary.get('val_bpb', float('nan')):.4f}")
         print(f'next: tinyformer generate {args.out} --prompt "..."')
+    return 0
+
+
+def cmd_plot(args) -> int:
+    from .train import plot_runs
+
+    plot_runs(args.runs, args.out, x=args.x)
+    print(f"wrote {args.out}")
     return 0
 
 
@@ -412,6 +422,12 @@ def build_parser() -> argparse.ArgumentParser:
                         aliases={"architecture": "--arch"}, choices={"architecture": ARCHITECTURES})
     add_dataclass_flags(p, TrainConfig, group_title="training")
     p.set_defaults(func=cmd_train)
+
+    p = command("plot", "overlay the val-loss curves of training runs (their metrics.jsonl) in one PNG")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR")
+    p.add_argument("--out", default="curves.png", help="PNG to write (default: curves.png)")
+    p.add_argument("--x", default="step", choices=("step", "tokens", "elapsed"), help="x axis (default: step)")
+    p.set_defaults(func=cmd_plot)
 
     p = command("generate", "generate text from a checkpoint, a Hugging Face directory or a tutorial .ckpt")
     p.add_argument("checkpoint")
