@@ -110,7 +110,7 @@ def save(model, directory, case):
 def test_gpt2_matches_transformers(tmp_path, case):
     theirs = hf_model("gpt2", 10 + list(GPT2_CASES).index(case), **GPT2_CASES[case])
     save(theirs, tmp_path, case)
-    ours, tokenizer, config = load_hf(tmp_path, "cpu")
+    ours, tokenizer, config, _ = load_hf(tmp_path, "cpu")
     assert not ours.training and config["format"] == "hf" and config["source"] == str(tmp_path)
     assert tokenizer is None  # no tokenizer.json in the directory
     assert ours.config.tie_embeddings == theirs.config.tie_word_embeddings
@@ -121,7 +121,7 @@ def test_gpt2_matches_transformers(tmp_path, case):
 def test_llama_matches_transformers(tmp_path, case):
     theirs = hf_model("llama", 20 + list(LLAMA_CASES).index(case), **LLAMA_CASES[case])
     save(theirs, tmp_path, case)
-    ours, _, config = load_hf(tmp_path, "cpu")
+    ours, _, config, _ = load_hf(tmp_path, "cpu")
     assert config["model"]["positional"] == "rope"
     assert_same_model(ours, theirs, LLAMA_CASES[case]["vocab_size"], "llama")
 

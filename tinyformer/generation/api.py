@@ -76,7 +76,8 @@ def generate(model, tokenizer, prompts, *, max_new_tokens: int = 64, temperature
              frequency_penalty: float = 0.0, no_repeat_ngram_size: int = 0, stop=None, stop_token_ids=None,
              seed: int | None = None, num_beams: int = 1, length_penalty: float = 1.0, early_stopping: bool = False,
              num_return_sequences: int = 1, logprobs: int | None = None, trace: bool = False, details: bool = False,
-             stream: bool = False, use_cache: bool = True, window: str = "auto", source_tokenizer=None):
+             stream: bool = False, use_cache: bool = True, window: str = "auto", source_tokenizer=None,
+             suppress_token_ids=None, forced_eos_token_id: int | None = None):
     """Generate continuations. See the module docstring for what prompts and the result look like.
 
     logprobs=N returns each chosen token's log-probability and its N best alternatives (N=0: just the token's).
@@ -84,6 +85,8 @@ def generate(model, tokenizer, prompts, *, max_new_tokens: int = 64, temperature
     window: how text longer than the context is handled: "recompute" runs the model on the last context_length
     tokens (exact cropping); "roll" keeps a rolling cache (RoPE only; sliding-window attention); "auto" rolls
     when it can.
+    suppress_token_ids: ids never generated; forced_eos_token_id: the token the last allowed step must produce
+    (Marian models loaded from Hugging Face set both from their config, as transformers does).
     """
     if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise GenerationError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens}")
@@ -91,10 +94,6 @@ def generate(model, tokenizer, prompts, *, max_new_tokens: int = 64, temperature
         raise GenerationError(f"logprobs must be a non-negative integer (alternatives per token), got {logprobs}")
     if isinstance(stop, str):
         stop = [stop]
-    penalties, samplers, greedy = build_processors(
-        temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty,
-        presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
-        no_repeat_ngram_size=no_repeat_ngram_size)
     seq2seq = model.config.architecture == "seq2seq"
     source_tokenizer = source_tokenizer or tokenizer
     ids, single, as_text = _normalise(prompts, source_tokenizer if seq2seq else tokenizer, add_eos=seq2seq)
@@ -114,6 +113,11 @@ def generate(model, tokenizer, prompts, *, max_new_tokens: int = 64, temperature
         max_new_tokens = min(max_new_tokens, max_target_tokens(model))
     else:
         check_token_ids(ids, model.config.vocab_size, tokenizer)
+    penalties, samplers, greedy = build_processors(
+        temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty,
+        presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
+        no_repeat_ngram_size=no_repeat_ngram_size, suppress_token_ids=suppress_token_ids,
+        forced_eos_token_id=forced_eos_token_id, max_new_tokens=max_new_tokens)
     if stop and tokenizer is None:
         raise GenerationError("stop strings need a tokenizer; use stop_token_ids with token-id prompts")
     eos_ids = set(stop_token_ids or [])

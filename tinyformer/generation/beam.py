@@ -52,7 +52,8 @@ def beam_search_batch(model, prompts: list[list[int]], *, num_beams: int, max_ne
     scores = torch.zeros(len(prompts), device=logits.device)  # each row's sum of log-probabilities
     for step in range(max_new_tokens):
         logprobs = logits.float().log_softmax(-1)
-        history = History([searches[p].prompt + tokens for p in active for tokens in searches[p].running])
+        history = History([searches[p].prompt + tokens for p in active for tokens in searches[p].running],
+                          generated=step)
         for penalty in penalties:
             logprobs = penalty(logprobs, history)
         totals = (scores.unsqueeze(1) + logprobs).view(len(active), group * vocab)

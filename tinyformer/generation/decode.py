@@ -182,6 +182,7 @@ class TokenStream:
                     out.top = [list(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
             for row_tokens, token in zip(history.tokens, tokens):
                 row_tokens.append(token)
+            history.generated += 1
             if history.generated_counts is not None:
                 history.generated_counts[torch.arange(len(tokens)), chosen] += 1
             yield out  # the consumer may call finish() here

@@ -6,6 +6,8 @@ parameter. `build_processors` applies them in this documented order:
   1. repetition penalty (CTRL: over prompt + generated tokens, positive logits / p, negative logits * p)
   2. presence and frequency penalties (OpenAI's additive meaning, over generated tokens only)
   3. no-repeat-ngram (over prompt + generated tokens)
+  3b. suppressed tokens (never chosen: Marian models ban <pad>), then a forced <eos> at the last allowed step
+      (transformers' forced_eos_token_id); these two run under beam search too
   4. temperature (0 means greedy: the argmax of the penalised logits, later steps skipped)
   5. top-k, 6. top-p (inclusive: keeps the smallest set whose probability reaches p, always at least one token),
   7. min-p (drops tokens less likely than min_p x the most likely one)
@@ -29,6 +31,7 @@ class History:
 
     tokens: list[list[int]]  # prompt + generated, per row (no padding)
     generated_counts: torch.Tensor | None = None  # [B, V] float, only when a penalty needs it
+    generated: int = 0  # tokens each running row has generated so far (rows advance together)
 
     def select(self, rows: list[int]) -> None:
         self.tokens = [self.tokens[r] for r in rows]
@@ -85,6 +88,37 @@ class NoRepeatNGram:
         return logits
 
 
+class SuppressTokens:
+    """These token ids are never chosen (transformers' bad_words_ids of single tokens, suppress_tokens)."""
+
+    def __init__(self, token_ids):
+        ids = sorted(set(token_ids))
+        if not all(isinstance(t, int) and t >= 0 for t in ids):
+            raise GenerationError(f"suppress_token_ids must be non-negative token ids, got {token_ids}")
+        self.ids = ids
+
+    def __call__(self, logits: torch.Tensor, history: History) -> torch.Tensor:
+        logits[:, self.ids] = NEG_INF
+        return logits
+
+
+class ForcedEOS:
+    """At the last of max_new_tokens steps only token_id may be chosen (transformers' forced_eos_token_id): a text
+    cut by the length limit still ends with <eos>."""
+
+    def __init__(self, token_id: int, max_new_tokens: int):
+        if not (isinstance(token_id, int) and token_id >= 0):
+            raise GenerationError(f"forced_eos_token_id must be a token id, got {token_id}")
+        self.token_id, self.last = token_id, max_new_tokens - 1
+
+    def __call__(self, logits: torch.Tensor, history: History) -> torch.Tensor:
+        if history.generated != self.last:
+            return logits
+        forced = torch.full_like(logits, NEG_INF)
+        forced[:, self.token_id] = 0.0
+        return forced
+
+
 class Temperature:
     def __init__(self, temperature: float):
         if not temperature > 0:
@@ -139,7 +173,8 @@ class MinP:
 
 def build_processors(*, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
                      repetition_penalty: float = 1.0, presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
-                     no_repeat_ngram_size: int = 0) -> tuple[list, list, bool]:
+                     no_repeat_ngram_size: int = 0, suppress_token_ids=None, forced_eos_token_id: int | None = None,
+                     max_new_tokens: int | None = None) -> tuple[list, list, bool]:
     """Return (penalties, samplers, greedy): penalties run first; samplers only when sampling."""
     if temperature is None or temperature < 0:
         raise GenerationError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
@@ -154,6 +189,10 @@ def build_processors(*, temperature: float = 1.0, top_k: int = 0, top_p: float =
         penalties.append(PresenceFrequencyPenalty(presence_penalty, frequency_penalty))
     if no_repeat_ngram_size:
         penalties.append(NoRepeatNGram(no_repeat_ngram_size))
+    if suppress_token_ids:
+        penalties.append(SuppressTokens(suppress_token_ids))
+    if forced_eos_token_id is not None and max_new_tokens:
+        penalties.append(ForcedEOS(forced_eos_token_id, max_new_tokens))
     # validate sampling parameters even under greedy, so a bad value never passes silently
     top_p_step, min_p_step = TopP(top_p), MinP(min_p)
     greedy = temperature == 0

@@ -1,4 +1,5 @@
-"""Hugging Face interop: load local GPT-2 / Llama directories into tinyformer's GPT, and export back.
+"""Hugging Face interop: load local GPT-2 / Llama directories into tinyformer's GPT, Marian ones into its Seq2Seq
+(interop/marian.py), and export back.
 
 Only local directories are read (never a download), and only data: safetensors files, or pytorch_model.bin through
 torch.load(weights_only=True). The weight mapping is written out by hand below, one family at a time.
@@ -18,6 +19,7 @@ from safetensors.torch import save_file
 
 from ..checkpoint import CheckpointError, load_state_into, load_weights, read_json_object, safe_torch_load
 from ..model import GPT, ConfigError, ModelConfig
+from ..model.quant import require_float
 from ..tokenizers import HFTokenizer
 
 ARCHITECTURES = {"gpt2": ("GPT2LMHeadModel", "GPT2Model"), "llama": ("LlamaForCausalLM", "LlamaModel")}
@@ -28,13 +30,18 @@ GPT2_ACTIVATIONS = {"gelu_new": ("gelu", "tanh"), "gelu_pytorch_tanh": ("gelu", 
 # ----------------------------------------------------------------------------------------------------------- loading
 
 def load_hf(path, device="cpu"):
-    """(model in eval mode on device, tokenizer or None, config dict) from a local Hugging Face directory."""
+    """(model in eval mode on device, tokenizer or None, config dict, source tokenizer or None) from a local
+    Hugging Face directory (the source tokenizer is a seq2seq model's own; None for GPT-2/Llama)."""
     path = Path(path)
     hf = read_json_object(path / "config.json")
     model_type = hf.get("model_type")
+    if model_type == "marian":
+        from .marian import load_marian
+
+        return load_marian(path, hf, device)
     if model_type not in ARCHITECTURES:
         raise CheckpointError(f"{path}: unsupported model_type {model_type!r} (architectures "
-                              f"{hf.get('architectures')}); tinyformer loads gpt2 and llama")
+                              f"{hf.get('architectures')}); tinyformer loads gpt2, llama and marian")
     unknown = [a for a in hf.get("architectures") or [] if a not in ARCHITECTURES[model_type]]
     if unknown:
         raise CheckpointError(f"{path}: unsupported architecture {unknown[0]}; tinyformer loads "
@@ -51,7 +58,7 @@ def load_hf(path, device="cpu"):
     model = GPT(config)
     load_state_into(model, state, path)
     info = {"format": "hf", "model_type": model_type, "model": config.to_dict(), "source": str(path)}
-    return model.to(device).eval(), _hf_tokenizer(path, hf), info
+    return model.to(device).eval(), _hf_tokenizer(path, hf), info, None
 
 
 def _gpt2_config(hf: dict) -> ModelConfig:
@@ -282,18 +289,26 @@ def hf_family(config: ModelConfig) -> str:
     return "gpt2" if c.positional == "learned" else "llama"
 
 
-def export_hf(model: GPT, tokenizer, out_dir) -> list[str]:
-    """Write config.json + model.safetensors (+ tokenizer files) that transformers' AutoModelForCausalLM loads.
+def export_hf(model, tokenizer, out_dir, source_tokenizer=None, generation: dict | None = None) -> list[str]:
+    """Write config.json + model.safetensors (+ tokenizer files) that transformers' AutoModelForCausalLM loads (a
+    seq2seq model: MarianMTModel; `source_tokenizer` and the `generation` defaults go with it).
 
     Returns notes about what could not be written (e.g. a tiktoken tokenizer has no tokenizer.json).
     """
     from ..checkpoint import is_checkpoint
 
+    require_float(model, "Hugging Face export")
     c = model.config
-    family = hf_family(c)
     out_dir = Path(out_dir)
     if is_checkpoint(out_dir):
         raise CheckpointError(f"{out_dir} holds a tinyformer checkpoint; export to another directory")
+    if c.architecture == "seq2seq":
+        from .marian import export_marian
+
+        writers, notes = export_marian(model, tokenizer, source_tokenizer or tokenizer, out_dir, generation)
+        _write_atomically(out_dir, writers)
+        return notes
+    family = hf_family(c)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     dtype = next(iter(state.values())).dtype
     hf_config, tensors = (_to_gpt2 if family == "gpt2" else _to_llama)(c, state)
