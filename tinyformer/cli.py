@@ -108,6 +108,16 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_prepare(args) -> int:
+    from .data import prepare
+
+    header = prepare(args.data, args.tokenizer, args.out, val_fraction=args.val_fraction, workers=args.workers,
+                     chunk_bytes=args.chunk_mb << 20, progress=not args.json and not args.quiet)
+    _emit(args, header, f"{header['train_tokens']:,} train + {header['val_tokens']:,} held-out tokens "
+                        f"({header['dtype']}) in {args.out}; next: tinyformer train --data {args.out} ...")
+    return 0
+
+
 def cmd_plot(args) -> int:
     from .train import plot_runs
 
@@ -422,6 +432,16 @@ def build_parser() -> argparse.ArgumentParser:
                         aliases={"architecture": "--arch"}, choices={"architecture": ARCHITECTURES})
     add_dataclass_flags(p, TrainConfig, group_title="training")
     p.set_defaults(func=cmd_train)
+
+    p = command("prepare", "tokenize a large text file once, in parallel, into memory-mapped train.bin/val.bin")
+    p.add_argument("--data", required=True, help="one UTF-8 text file")
+    p.add_argument("--tokenizer", default="char", help="char | bpe:N | cl100k_base (default: char)")
+    p.add_argument("--out", required=True, help="directory to write (then: tinyformer train --data DIR)")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="held-out tail of the file (default: 0.1)")
+    p.add_argument("--workers", type=int, default=None, help="processes (default: one per core)")
+    p.add_argument("--chunk-mb", type=int, default=4, help="MiB of text per task (default: 4)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_prepare)
 
     p = command("plot", "overlay the val-loss curves of training runs (their metrics.jsonl) in one PNG")
     p.add_argument("runs", nargs="+", metavar="RUN_DIR")

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import glob
+import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,7 +79,10 @@ class TokenData:
         ids = self.train if split == "train" else self.val
         starts = torch.randint(len(ids) - context_length, (batch_size,), generator=generator)[rows]  # room for +1
         offsets = torch.arange(context_length + 1)
-        windows = ids[starts.unsqueeze(1) + offsets].long()
+        if isinstance(ids, torch.Tensor):
+            windows = ids[starts.unsqueeze(1) + offsets].long()
+        else:  # a memory-mapped numpy array (a prepared corpus): read only these windows
+            windows = torch.from_numpy(ids[(starts.unsqueeze(1) + offsets).numpy()].astype("int64"))
         return windows[:, :-1], windows[:, 1:]
 
     def bits_per_byte(self, loss_nats_per_token: float) -> float:
@@ -220,3 +225,139 @@ def _buckets(items, batch_tokens: int) -> list[list[int]]:
     if current:
         batches.append(current)
     return batches
+
+
+# ------------------------------------------------------------------------------------------------ prepared corpora
+PREPARED = "prepared.json"  # the header of a prepared directory: train.bin / val.bin of token ids + the tokenizer
+TOKENIZER_SAMPLE = 64 << 20  # bytes a char/BPE tokenizer learns from (char also gets every character of the file)
+
+
+def is_prepared(path) -> bool:
+    return path is not None and (Path(path) / PREPARED).is_file()
+
+
+def prepare(source, tokenizer_spec: str, out_dir, val_fraction: float = 0.1, workers: int | None = None,
+            chunk_bytes: int = 4 << 20, progress: bool = True) -> dict:
+    """Tokenize one text file once, in parallel processes over chunks cut at line boundaries, into memory-mapped
+    `train.bin` / `val.bin` (uint16 ids when the vocabulary fits, else uint32) + `prepared.json` + the tokenizer's
+    files, so training reads any size of corpus without loading it. The held-out part is the file's last
+    val_fraction of bytes, starting at a line. Returns the header."""
+    import multiprocessing
+
+    import numpy as np
+    from tqdm.auto import tqdm
+
+    from .tokenizers import get_tokenizer
+
+    path, out = Path(source), Path(out_dir)
+    if not path.is_file():
+        raise DataError(f"prepare takes one text file (concatenate several first); {source} is not a file")
+    if not 0.0 < val_fraction < 0.5:
+        raise DataError(f"val_fraction must be in (0, 0.5), got {val_fraction}")
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        sample = f.read(TOKENIZER_SAMPLE)
+        cut = _next_line(f, int(size * (1 - val_fraction)))
+        characters = set()
+        if tokenizer_spec == "char":  # every character of the file, so nothing past the sample is unknown
+            f.seek(0)
+            for block in iter(lambda: f.read(chunk_bytes), b""):
+                characters.update(block.decode("utf-8", errors="ignore"))
+    sample_text = sample.decode("utf-8", errors="ignore")  # the sample may end inside a character
+    if not sample_text.strip():
+        raise DataError(f"data {source} is empty")
+    tokenizer = get_tokenizer(tokenizer_spec, sample_text + "".join(sorted(characters)))
+    dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32
+    out.mkdir(parents=True, exist_ok=True)
+    entry = tokenizer.save(out)
+    parts = {"train": _chunks(path, 0, cut, chunk_bytes), "val": _chunks(path, cut, size, chunk_bytes)}
+    counts = {}
+    bar = tqdm(total=size, unit="B", unit_scale=True, disable=not progress, desc="tokenizing")
+    with multiprocessing.get_context("spawn").Pool(workers or os.cpu_count() or 1, _init_worker,
+                                                   (str(out), entry, dtype)) as pool:
+        for split, chunks in parts.items():
+            target = out / f"{split}.bin"
+            tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+            counts[split] = 0
+            with tmp.open("wb") as f:
+                for (start, end), ids in zip(chunks, pool.imap(_encode_chunk, [(str(path), s, e) for s, e in chunks])):
+                    f.write(ids)
+                    counts[split] += len(ids) // np.dtype(dtype).itemsize
+                    bar.update(end - start)
+            os.replace(tmp, target)
+    bar.close()
+    val_bytes = size - cut
+    header = {"format": "tinyformer-tokens", "version": 1, "dtype": np.dtype(dtype).name, "tokenizer": entry,
+              "train_tokens": counts["train"], "val_tokens": counts["val"], "val_bytes": val_bytes,
+              "source": str(path.resolve()), "source_bytes": size, "split_at_byte": cut}
+    tmp = out / f".{PREPARED}.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps(header, indent=1), encoding="utf-8")
+    os.replace(tmp, out / PREPARED)
+    return header
+
+
+def load_prepared(directory, context_length: int) -> tuple["TokenData", object, dict]:
+    """(TokenData over np.memmap views of train.bin / val.bin, the tokenizer, the header): nothing is read into
+    memory until a batch touches it."""
+    import numpy as np
+
+    from .tokenizers import load_tokenizer
+
+    directory = Path(directory)
+    try:
+        header = json.loads((directory / PREPARED).read_text("utf-8"))
+        tokenizer = load_tokenizer(directory, header["tokenizer"])
+        arrays = [np.memmap(directory / f"{split}.bin", dtype=header["dtype"], mode="r") for split in ("train", "val")]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise DataError(f"{directory} is not a valid prepared corpus ({error}); run tinyformer prepare again")
+    need = context_length + 1
+    if min(len(a) for a in arrays) < need:
+        raise DataError(f"data too small: {len(arrays[0])} training and {len(arrays[1])} held-out tokens in "
+                        f"{directory}, but each part needs at least context_length + 1 = {need}")
+    return TokenData(arrays[0], arrays[1], header["val_bytes"]), tokenizer, header
+
+
+def _next_line(f, offset: int) -> int:
+    """The first line start at or after offset."""
+    if offset == 0:
+        return 0
+    f.seek(offset - 1)
+    while True:
+        block = f.read(1 << 16)
+        if not block:
+            return f.tell()
+        newline = block.find(b"\n")
+        if newline >= 0:
+            return f.tell() - len(block) + newline + 1
+
+
+def _chunks(path: Path, start: int, end: int, chunk_bytes: int) -> list[tuple[int, int]]:
+    chunks = []
+    with path.open("rb") as f:
+        while start < end:
+            stop = min(end, _next_line(f, min(end, start + chunk_bytes)))
+            chunks.append((start, stop))
+            start = stop
+    return chunks
+
+
+_worker_state = {}
+
+
+def _init_worker(directory: str, entry: dict, dtype) -> None:
+    from .tokenizers import load_tokenizer
+
+    _worker_state.update(tokenizer=load_tokenizer(directory, entry), dtype=dtype)
+
+
+def _encode_chunk(task) -> bytes:
+    import numpy as np
+
+    path, start, end = task
+    with open(path, "rb") as f:
+        f.seek(start)
+        try:
+            text = f.read(end - start).decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise DataError(f"data file {path} is not UTF-8 text ({error.reason} at byte {start + error.start})")
+    return np.asarray(_worker_state["tokenizer"].encode(text), dtype=_worker_state["dtype"]).tobytes()

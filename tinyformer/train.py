@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from .checkpoint import (CheckpointError, load_checkpoint, load_source_tokenizer, load_trainer_state, read_config,
                          save_checkpoint)
-from .data import PairData, TokenData, load_pairs, load_text
+from .data import PairData, TokenData, is_prepared, load_pairs, load_prepared, load_text
 from .model import ModelConfig, build_model, preset
 from .tokenizers import get_tokenizer
 
@@ -292,22 +292,31 @@ def _run(model_config, train_config, out: Path, resume: bool, progress: bool, lo
                                                                                           train_config)
         if cfg.stop_at is not None and cfg.stop_at <= state["step"]:  # the stop that ended the previous session
             cfg = replace(cfg, stop_at=None)
-        text, pairs, description = _load_data(model_config, cfg)
-        data_sha = _sha256(text)
-        if data_sha != state.get("data_sha256"):
-            raise TrainError(f"data {cfg.data or 'pydoc'} changed since the checkpoint in {out} was written; "
-                             f"resuming would train on different text")
     else:
         cfg = train_config
+    if is_prepared(cfg.data):  # token files from `tinyformer prepare`, memory-mapped: the tokenizer comes with them
+        if model_config.architecture == "seq2seq":
+            raise TrainError(f"{cfg.data} is a prepared text corpus; seq2seq trains on sentence pairs (a TSV)")
+        data, prepared_tokenizer, header = load_prepared(cfg.data, model_config.context_length)
+        data_sha = _sha256(json.dumps(header, sort_keys=True))
+        description = f"{header['train_tokens'] + header['val_tokens']:,} tokens prepared in {cfg.data}"
+        if state is None:
+            tokenizer, source_tokenizer = prepared_tokenizer, None
+            model_config = model_config.replace(vocab_size=tokenizer.vocab_size)
+    else:
         text, pairs, description = _load_data(model_config, cfg)
         data_sha = _sha256(text)
-        tokenizer, source_tokenizer, model_config = _make_tokenizers(model_config, cfg, text, pairs)
+        if state is None:
+            tokenizer, source_tokenizer, model_config = _make_tokenizers(model_config, cfg, text, pairs)
+        if pairs is not None:
+            data = PairData.from_pairs(pairs, tokenizer, source_tokenizer, cfg.val_fraction,
+                                       model_config.context_length, cfg.batch_tokens)
+        else:
+            data = TokenData.from_text(text, tokenizer, cfg.val_fraction, model_config.context_length)
+    if state is not None and data_sha != state.get("data_sha256"):
+        raise TrainError(f"data {cfg.data or 'pydoc'} changed since the checkpoint in {out} was written; "
+                         f"resuming would train on different text")
     device = _device(cfg.device)
-    if pairs is not None:
-        data = PairData.from_pairs(pairs, tokenizer, source_tokenizer, cfg.val_fraction, model_config.context_length,
-                                   cfg.batch_tokens)
-    else:
-        data = TokenData.from_text(text, tokenizer, cfg.val_fraction, model_config.context_length)
 
     # Fork the RNGs so training (seeding, dropout) leaves the caller's random state as it was.
     with torch.random.fork_rng(devices=list(range(torch.cuda.device_count())) if device.type == "cuda" else []):
