@@ -1,23 +1,35 @@
-"""Decode speed: tinyformer against Hugging Face transformers on the same random GPT-2-124M weights, one run.
+"""Decode speed against llama.cpp, CTranslate2 and transformers on the same random GPT-2-124M weights, one run.
 
-    python benchmarks/decode.py            # the table
-    python benchmarks/decode.py --json     # machine-readable
-    python benchmarks/decode.py --quick    # fewer tokens, for a smoke run
+    python benchmarks/decode.py               # engines x precisions, batch 1 and 8 (the table below)
+    python benchmarks/decode.py --json        # machine-readable
+    python benchmarks/decode.py --quick       # fewer tokens, for a smoke run
+    python benchmarks/decode.py --scenarios   # tinyformer vs transformers: sampling, beams, uncached contexts
 
-Both engines run in float32 on the CPU with the same thread count, greedy unless stated; transformers is told to
-ignore <eos> so both generate exactly the asked number of tokens. The weight-bandwidth ceiling is the machine's
-measured copy bandwidth (bytes read + written per second) divided by the model's bytes: a batch-1 decoder must read
-every weight once per token, so no engine can beat it.
+Greedy, a 32-token prompt, 128 new tokens (every engine is made to ignore <eos>), all threads of the machine.
+The peers are bench extras (`pip install -e '.[bench]'`; llama-cpp-python compiles llama.cpp, ~10 minutes):
+- llama.cpp through llama-cpp-python, on our weights written by tinyformer's GGUF export at f32, f16 and q8_0
+  (batch 1: its Python API decodes one sequence);
+- CTranslate2, on the Hugging Face directory converted by its TransformersConverter at float32 and int8 (the
+  converter reads the vocabulary through AutoTokenizer: the directory gets a placeholder vocab.json whose first
+  256 tokens are GPT-2's byte alphabet, and an empty merges.txt);
+- transformers (float32).
+A missing peer's rows are skipped with the command that installs it. Our float32 greedy tokens are checked
+against llama.cpp f32's. The bandwidth ceiling is the copy bandwidth measured in the same run divided by the bytes
+of weights a token reads: a batch-1 decoder reads every weight once per token.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import torch
+
+VOCAB = 50257
 
 
 def copy_bandwidth(megabytes: int = 256, repeats: int = 8) -> float:
@@ -35,127 +47,231 @@ def _timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def build_models(seed: int):
+def build_hf_directory(seed: int, directory: Path):
+    """Random GPT-2-124M saved as a Hugging Face directory with a placeholder byte-level vocabulary."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    import tinyformer
-
     torch.manual_seed(seed)
-    config = GPT2Config(vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12)
+    config = GPT2Config(vocab_size=VOCAB, n_positions=1024, n_embd=768, n_layer=12, n_head=12,
+                        bos_token_id=VOCAB - 1, eos_token_id=VOCAB - 1)
     hf = GPT2LMHeadModel(config).eval()
     hf.generation_config.eos_token_id = None  # random weights: never stop early
     hf.generation_config.pad_token_id = 0
-    directory = tempfile.mkdtemp(prefix="tinyformer-bench-")
     hf.save_pretrained(directory)
-    ours = tinyformer.load(directory, device="cpu")
-    return hf, ours
+    from tinyformer.tokenizers import _BYTE_DECODER
+
+    alphabet = sorted(_BYTE_DECODER, key=_BYTE_DECODER.get)
+    vocab = {token: i for i, token in enumerate(alphabet + [f"<t{i}>" for i in range(256, VOCAB - 1)]
+                                                + ["<|endoftext|>"])}
+    (directory / "vocab.json").write_text(json.dumps(vocab))
+    (directory / "merges.txt").write_text("#version: 0.2\n")
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    tok = Tokenizer(models.BPE(vocab, []))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "GPT2Tokenizer", "bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>"}))
+    return hf, vocab
 
 
-def hf_generate(hf, prompts: list[list[int]], new: int, **options) -> float:
-    ids = torch.tensor(prompts)
-    with torch.inference_mode():
-        return _timed(lambda: hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,
-                                          min_new_tokens=new, **options))
+# ------------------------------------------------------------------------------------------------------ engines
+
+def ours(lm):
+    def run(prompts, new):
+        out = []
+        seconds = _timed(lambda: out.extend(lm.generate(prompts, max_new_tokens=new, temperature=0, details=True)))
+        return seconds, [r.token_ids for r in out]
+    return run
 
 
-def ours_generate(lm, prompts: list[list[int]], new: int, **options) -> float:
-    return _timed(lambda: lm.generate(prompts, max_new_tokens=new, **options))
+def transformers_engine(hf):
+    def run(prompts, new):
+        ids = torch.tensor(prompts)
+        with torch.inference_mode():
+            result = []
+            seconds = _timed(lambda: result.append(hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                                               max_new_tokens=new, min_new_tokens=new)))
+        return seconds, result[0][:, ids.shape[1]:].tolist()
+    return run
 
 
-def per_step_times(lm, prompt: list[int], new: int) -> list[float]:
-    """Wall time of each decode step, from the token stream."""
-    from tinyformer.generation import TokenStream
+def llama_cpp_engine(path: Path, threads: int):
+    import llama_cpp
 
-    stamps = [time.perf_counter()]
-    for _ in TokenStream(lm.model, [prompt], max_new_tokens=new):
-        stamps.append(time.perf_counter())
-    return [b - a for a, b in zip(stamps[1:], stamps[2:])]  # drop the prefill step
+    llm = llama_cpp.Llama(str(path), n_ctx=256, n_batch=64, n_threads=threads, n_threads_batch=threads,
+                          verbose=False)
+
+    def run(prompts, new):
+        assert len(prompts) == 1, "llama-cpp-python decodes one sequence"
+        tokens = []
+
+        def go():
+            llm.reset()
+            for token in llm.generate(prompts[0], temp=0.0, top_k=1, reset=True):
+                tokens.append(token)
+                if len(tokens) == new:
+                    break
+        return _timed(go), [tokens]
+    return run
+
+
+def ctranslate2_engine(directory: Path, compute_type: str, threads: int, vocab: dict):
+    import ctranslate2
+
+    generator = ctranslate2.Generator(str(directory), device="cpu", compute_type=compute_type,
+                                      intra_threads=threads)
+    names = {i: t for t, i in vocab.items()}
+
+    def run(prompts, new):
+        start = [[names[i] for i in p] for p in prompts]
+        results = []
+        seconds = _timed(lambda: results.extend(generator.generate_batch(
+            start, max_length=new, min_length=new, sampling_topk=1, include_prompt_in_result=False,
+            end_token=[])))
+        return seconds, [r.sequences_ids[0] for r in results]
+    return run
+
+
+def missing(name: str, install: str, log) -> None:
+    log(f"  (skipping {name}: not installed; {install})")
+
+
+# ------------------------------------------------------------------------------------------------------- main
+
+def peers_table(args, log) -> dict:
+    import tinyformer
+    from tinyformer.interop.gguf import export_gguf
+    from tinyformer.model.quant import weight_bytes
+
+    threads = torch.get_num_threads()
+    new = 128 // (4 if args.quick else 1)
+    work = Path(tempfile.mkdtemp(prefix="tinyformer-bench-"))
+    log(f"torch {torch.__version__}, {threads} threads; building GPT-2 124M (random weights) in {work} ...")
+    hf, vocab = build_hf_directory(args.seed, work / "hf")
+    generator = torch.Generator().manual_seed(args.seed)
+    prompt = torch.randint(0, VOCAB, (32,), generator=generator).tolist()
+    batch8 = torch.randint(0, VOCAB, (8, 32), generator=generator).tolist()
+
+    engines = {}  # name -> (run, batch sizes)
+    models = {}
+    for precision, options in (("float32", {}), ("bfloat16", {"dtype": "bfloat16"}), ("int8", {"quantize": "int8"})):
+        models[precision] = tinyformer.load(work / "hf", device="cpu", **options)
+        engines[f"tinyformer {precision}"] = (ours(models[precision]), (1, 8))
+    engines["transformers float32"] = (transformers_engine(hf), (1, 8))
+    try:
+        import llama_cpp  # noqa: F401
+
+        for q in ("f32", "f16", "q8_0"):
+            path = work / f"gpt2-{q}.gguf"
+            export_gguf(models["float32"].model, models["float32"].tokenizer, path, quantize=q)
+            engines[f"llama.cpp {q}"] = (llama_cpp_engine(path, threads), (1,))
+    except ImportError:
+        missing("llama.cpp", "pip install llama-cpp-python  (or: pip install -e '.[bench]')", log)
+    try:
+        import ctranslate2
+
+        converted = work / "ct2"
+        ctranslate2.converters.TransformersConverter(str(work / "hf")).convert(str(converted), force=True)
+        for compute_type in ("float32", "int8"):
+            engines[f"CTranslate2 {compute_type}"] = (ctranslate2_engine(converted, compute_type, threads, vocab),
+                                                      (1, 8))
+    except ImportError:
+        missing("CTranslate2", "pip install ctranslate2  (or: pip install -e '.[bench]')", log)
+
+    rows, tokens = [], {}
+    log(f"measuring (greedy, 32-token prompt, {new} new tokens) ...")
+    for name, (run, batches) in engines.items():
+        run([prompt], 4)  # warm up: first calls allocate and pick kernels
+        for batch in (1, 8):
+            if batch not in batches:
+                continue
+            seconds, out = run([prompt] if batch == 1 else batch8, new)
+            produced = sum(len(t) for t in out)
+            if batch == 1:
+                tokens[name] = out[0]
+            row = {"engine": name, "batch": batch, "tokens": produced, "tok_s": produced / seconds}
+            rows.append(row)
+            log(f"  {name:<24} batch {batch}: {row['tok_s']:8.2f} tok/s")
+
+    def best(prefix, batch):
+        rates = [r["tok_s"] for r in rows if r["engine"].startswith(prefix) and r["batch"] == batch]
+        return max(rates) if rates else None
+
+    def rate(name, batch):
+        return next((r["tok_s"] for r in rows if r["engine"] == name and r["batch"] == batch), None)
+
+    targets = [("tinyformer float32", 1, "llama.cpp f32", 0.8), ("tinyformer bfloat16", 1, "llama.cpp f16", 1.0),
+               ("tinyformer int8", 1, "llama.cpp q8_0", 1.0)]
+    ratios = []
+    for name, batch, peer, goal in targets:
+        if rate(peer, batch):
+            ratios.append({"ours": name, "batch": batch, "peer": peer, "ratio": rate(name, batch) / rate(peer, batch),
+                           "target": goal})
+    fastest_ct2 = max(("CTranslate2 float32", "CTranslate2 int8"), key=lambda n: rate(n, 8) or 0)
+    if rate(fastest_ct2, 8):
+        for precision in ("float32", "bfloat16", "int8"):
+            ratios.append({"ours": f"tinyformer {precision}", "batch": 8, "peer": fastest_ct2,
+                           "ratio": rate(f"tinyformer {precision}", 8) / rate(fastest_ct2, 8), "target": 1.0})
+    bandwidth = copy_bandwidth()
+    summary = {"torch": torch.__version__, "threads": threads, "new_tokens": new,
+               "copy_bandwidth_gb_s": bandwidth / 1e9,
+               "weight_bytes": {p: weight_bytes(m.model) for p, m in models.items()},
+               "float32_tokens_equal_llama_cpp_f32": (tokens.get("tinyformer float32") == tokens["llama.cpp f32"]
+                                                      if "llama.cpp f32" in tokens else None),
+               "float32_tokens_equal_transformers": tokens["tinyformer float32"] == tokens["transformers float32"]}
+    return {"rows": rows, "ratios": ratios, "summary": summary}
+
+
+def print_table(result) -> None:
+    rows, summary = result["rows"], result["summary"]
+    engines = list(dict.fromkeys(r["engine"] for r in rows))
+    print()
+    print("| engine, precision | batch 1 tok/s | batch 8 tok/s |")
+    print("|---|---:|---:|")
+    for name in engines:
+        cells = []
+        for batch in (1, 8):
+            value = next((r["tok_s"] for r in rows if r["engine"] == name and r["batch"] == batch), None)
+            cells.append(f"{value:.1f}" if value else "–")
+        print(f"| {name} | {cells[0]} | {cells[1]} |")
+    print()
+    print("| ratio (same run) | value | target |")
+    print("|---|---:|---:|")
+    for r in result["ratios"]:
+        mark = "met" if r["ratio"] >= r["target"] else "not met"
+        print(f"| {r['ours']} / {r['peer']}, batch {r['batch']} | {r['ratio']:.2f}x | >= {r['target']:.1f}x ({mark}) |")
+    print()
+    bytes_ = summary["weight_bytes"]
+    print(f"weights: " + ", ".join(f"{k} {v / 1e6:.0f} MB" for k, v in bytes_.items())
+          + f"; copy bandwidth {summary['copy_bandwidth_gb_s']:.1f} GB/s -> batch-1 ceilings "
+          + ", ".join(f"{k} {summary['copy_bandwidth_gb_s'] * 1e9 / v:.0f} tok/s" for k, v in bytes_.items()))
+    print(f"float32 greedy tokens equal llama.cpp f32's: {summary['float32_tokens_equal_llama_cpp_f32']}; "
+          f"equal transformers': {summary['float32_tokens_equal_transformers']}")
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--quick", action="store_true", help="fewer tokens (smoke run, noisier)")
+    parser.add_argument("--scenarios", action="store_true",
+                        help="tinyformer vs transformers: sampling, beam search, uncached contexts")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    scale = 4 if args.quick else 1
     log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
+    if args.scenarios:
+        from decode_scenarios import main as scenarios  # the older tinyformer-vs-transformers table
 
-    log(f"torch {torch.__version__}, {torch.get_num_threads()} threads; building GPT-2 124M (random weights)...")
-    hf, lm = build_models(args.seed)
-    model_bytes = sum(p.numel() * p.element_size() for p in lm.model.parameters())
-    bandwidth = copy_bandwidth()
-    ceiling = bandwidth / model_bytes
-    generator = torch.Generator().manual_seed(args.seed)
-    prompt = torch.randint(0, 50257, (32,), generator=generator).tolist()
-    batch8 = torch.randint(0, 50257, (8, 32), generator=generator).tolist()
-
-    # warm both up (first calls allocate and pick kernels)
-    hf_generate(hf, [prompt], 4)
-    ours_generate(lm, [prompt], 4, temperature=0)
-
-    rows = []
-
-    def scenario(name, tokens, hf_seconds, ours_seconds):
-        row = {"scenario": name, "tokens": tokens, "transformers_tok_s": tokens / hf_seconds,
-               "tinyformer_tok_s": tokens / ours_seconds}
-        row["ratio"] = row["tinyformer_tok_s"] / row["transformers_tok_s"]
-        rows.append(row)
-        log(f"  {name:<34} transformers {row['transformers_tok_s']:7.2f} tok/s   tinyformer "
-            f"{row['tinyformer_tok_s']:7.2f} tok/s   x{row['ratio']:.2f}")
-
-    n = 256 // scale
-    log("measuring...")
-    scenario(f"greedy, batch 1 ({n} new)", n, hf_generate(hf, [prompt], n, do_sample=False),
-             ours_generate(lm, [prompt], n, temperature=0))
-    scenario(f"greedy, batch 8 ({n} new)", 8 * n, hf_generate(hf, batch8, n, do_sample=False),
-             ours_generate(lm, batch8, n, temperature=0))
-    scenario(f"sample k50 p0.9 T0.8, batch 1", n,
-             hf_generate(hf, [prompt], n, do_sample=True, top_k=50, top_p=0.9, temperature=0.8),
-             ours_generate(lm, [prompt], n, temperature=0.8, top_k=50, top_p=0.9, seed=1))
-    b = 64 // scale
-    scenario(f"beam search, 4 beams ({b} new)", b,
-             hf_generate(hf, [prompt], b, do_sample=False, num_beams=4, early_stopping=False),
-             ours_generate(lm, [prompt], b, num_beams=4))
-    uncached = []
-    for length in (64, 128, 256, 512):
-        long_prompt = torch.randint(0, 50257, (length,), generator=generator).tolist()
-        k = max(2, 8 // scale)
-        hf_s = hf_generate(hf, [long_prompt], k, do_sample=False, use_cache=False)
-        ours_s = ours_generate(lm, [long_prompt], k, temperature=0, use_cache=False)
-        scenario(f"uncached, {length}-token context", k, hf_s, ours_s)
-        uncached.append(rows[-1])
-
-    steps = per_step_times(lm, prompt, 512 // scale)
-    early = sorted(steps[40 // scale:60 // scale])
-    late = sorted(steps[-20 // scale:])
-    t_early, t_late = early[len(early) // 2], late[len(late) // 2]
-    greedy = rows[0]["tinyformer_tok_s"]
-    summary = {
-        "model_bytes": model_bytes, "copy_bandwidth_gb_s": bandwidth / 1e9, "ceiling_tok_s": ceiling,
-        "tinyformer_weight_bandwidth_gb_s": greedy * model_bytes / 1e9,
-        "transformers_weight_bandwidth_gb_s": rows[0]["transformers_tok_s"] * model_bytes / 1e9,
-        "greedy_b1_fraction_of_ceiling": greedy / ceiling,
-        "step_ms_near_token_50": t_early * 1e3, "step_ms_near_token_500": t_late * 1e3,
-        "late_over_early": t_late / t_early, "torch": torch.__version__, "threads": torch.get_num_threads(),
-    }
+        return scenarios(argv=[a for a in (argv or sys.argv[1:]) if a != "--scenarios"])
+    result = peers_table(args, log)
     if args.json:
-        print(json.dumps({"rows": rows, "summary": summary}, indent=2))
-        return 0
-    print()
-    print(f"| scenario | transformers tok/s | tinyformer tok/s | ratio |")
-    print(f"|---|---:|---:|---:|")
-    for r in rows:
-        print(f"| {r['scenario']} | {r['transformers_tok_s']:.2f} | {r['tinyformer_tok_s']:.2f} | {r['ratio']:.2f}x |")
-    print()
-    print(f"model {model_bytes / 1e6:.0f} MB; copy bandwidth {bandwidth / 1e9:.1f} GB/s -> ceiling {ceiling:.1f} tok/s")
-    print(f"greedy batch 1: tinyformer reads weights at {summary['tinyformer_weight_bandwidth_gb_s']:.1f} GB/s "
-          f"({100 * summary['greedy_b1_fraction_of_ceiling']:.0f}% of the ceiling), transformers at "
-          f"{summary['transformers_weight_bandwidth_gb_s']:.1f} GB/s")
-    print(f"cached step cost: {t_early * 1e3:.1f} ms near token 50, {t_late * 1e3:.1f} ms near token "
-          f"{len(steps)} (x{t_late / t_early:.2f})")
+        print(json.dumps(result, indent=2))
+    else:
+        print_table(result)
     return 0
 
 
 if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     sys.exit(main())

@@ -6,6 +6,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import CheckpointError, is_checkpoint, load_checkpoint, load_source_tokenizer
+from .model import quant
 
 
 class LanguageModel:
@@ -20,8 +21,8 @@ class LanguageModel:
         # options the model's own config sets for generation (a Marian model bans <pad> and forces a final <eos>,
         # as transformers does); anything passed to generate() overrides them
         self.generation_defaults = dict(self.config.get("generation") or {})
-        if pack and hasattr(model, "pack_for_inference"):
-            model.pack_for_inference()  # fast CPU decode layout; a no-op for the values
+        if pack:
+            quant.pack(model)  # fast CPU decode kernels; a no-op for the values
 
     @property
     def device(self) -> torch.device:
@@ -51,24 +52,33 @@ def resolve_device(device: str | None) -> str:
     return device
 
 
-def load(path, device: str | None = "auto") -> LanguageModel:
-    """Load a tinyformer checkpoint, a Hugging Face GPT-2/Llama/Marian directory, or the tutorial's .ckpt file."""
+def load(path, device: str | None = "auto", dtype: str | None = None, quantize: str | None = None) -> LanguageModel:
+    """Load a tinyformer checkpoint, a Hugging Face GPT-2/Llama/Marian directory, or the tutorial's .ckpt file.
+
+    dtype ("float32", "bfloat16", "float16") casts the model; quantize="int8" stores its matrices as int8
+    (model/quant.py). None keeps the file's precision (float32 unless it was saved quantized or cast).
+    """
+    quant.check_precision(dtype, quantize)
     device = resolve_device(device)
+    if quantize and device != "cpu":
+        raise quant.PrecisionError(f"quantize={quantize!r} runs on the CPU only (fbgemm kernels), not {device!r}; "
+                                   f"use device='cpu'")
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path} does not exist")
+    source_tokenizer = None
     if path.is_dir() and is_checkpoint(path):
         model, tokenizer, config = load_checkpoint(path, device)
-        return LanguageModel(model, tokenizer, config, str(path),
-                             source_tokenizer=load_source_tokenizer(path, config))
-    if path.is_dir() and (path / "config.json").is_file():
+        source_tokenizer = load_source_tokenizer(path, config)
+    elif path.is_dir() and (path / "config.json").is_file():
         from .interop.hf import load_hf
 
         model, tokenizer, config, source_tokenizer = load_hf(path, device)
-        return LanguageModel(model, tokenizer, config, str(path), source_tokenizer=source_tokenizer)
-    if path.is_file():
+    elif path.is_file():
         from .interop.book import load_book
 
         model, tokenizer, config = load_book(path, device)
-        return LanguageModel(model, tokenizer, config, str(path))
-    raise CheckpointError(f"{path} is neither a checkpoint directory (config.json) nor a .ckpt file")
+    else:
+        raise CheckpointError(f"{path} is neither a checkpoint directory (config.json) nor a .ckpt file")
+    quant.set_precision(model, dtype, quantize)
+    return LanguageModel(model, tokenizer, config, str(path), source_tokenizer=source_tokenizer)

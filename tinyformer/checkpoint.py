@@ -16,6 +16,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .model import ConfigError, ModelConfig, build_model
+from .model.quant import PrecisionError, check_precision, precision, set_precision
 from .tokenizers import Tokenizer, TokenizerError, load_tokenizer
 
 FORMAT = "tinyformer"
@@ -38,10 +39,12 @@ def _atomic_write(path: Path, write) -> None:
 
 
 def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The state dict to store: contiguous tensors, tied LM head left out (it is the embedding)."""
+    """The state dict to store: contiguous tensors, tied LM head left out (it is the embedding; an int8 head is
+    its own tensor and is kept)."""
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    if getattr(model, "config", None) is not None and model.config.tie_embeddings:
-        state.pop("lm_head.weight", None)
+    if ("lm_head.weight" in state and "tok_emb.weight" in state
+            and model.state_dict()["lm_head.weight"].data_ptr() == model.state_dict()["tok_emb.weight"].data_ptr()):
+        state.pop("lm_head.weight")
     return state
 
 
@@ -60,7 +63,8 @@ def save_checkpoint(directory, model, tokenizer: Tokenizer, *, train_config: dic
         _atomic_write(directory / "trainer_state.pt", lambda p: torch.save({**trainer_state, "step": step}, p))
     tokenizer_entry = tokenizer.save(directory)
     config = {"format": FORMAT, "format_version": FORMAT_VERSION, "architecture": model.config.architecture,
-              "step": step, "model": model.config.to_dict(), "tokenizer": tokenizer_entry, "train": train_config}
+              "step": step, "model": model.config.to_dict(), "precision": precision(model), "tokenizer": tokenizer_entry,
+              "train": train_config}
     if source_tokenizer is not None:
         (directory / "source_tokenizer").mkdir(exist_ok=True)
         config["source_tokenizer"] = source_tokenizer.save(directory / "source_tokenizer")
@@ -135,20 +139,24 @@ def load_state_into(model: torch.nn.Module, state: dict[str, torch.Tensor], sour
 
 
 def load_checkpoint(directory, device: str | torch.device = "cpu"):
-    """Return (model in eval mode, tokenizer, config dict) from a tinyformer checkpoint directory."""
+    """Return (model in eval mode, tokenizer, config dict) from a tinyformer checkpoint directory, in the precision
+    it was saved in (config.json "precision", absent = float32)."""
     directory = Path(directory)
     config = read_config(directory)
     try:
         model_config = ModelConfig.from_dict(config["model"])
+        saved_precision = config.get("precision") or {}
+        check_precision(saved_precision.get("dtype"), saved_precision.get("quantize"))
         tokenizer = load_tokenizer(directory, config["tokenizer"])
 
-    except (KeyError, TypeError, ConfigError, TokenizerError, OSError, json.JSONDecodeError) as error:
+    except (KeyError, TypeError, AttributeError, ConfigError, PrecisionError, TokenizerError, OSError,
+            json.JSONDecodeError) as error:
         raise CheckpointError(f"{directory}/config.json is invalid: {error}") from None
     state, metadata = load_weights(directory / "model.safetensors")
     if metadata.get("step") is not None and metadata["step"] != str(config.get("step")):
         raise CheckpointError(f"{directory}: model.safetensors is from step {metadata['step']} but config.json "
                               f"from step {config.get('step')} (a save was interrupted)")
-    model = build_model(model_config)
+    model = set_precision(build_model(model_config), saved_precision.get("dtype"), saved_precision.get("quantize"))
     load_state_into(model, state, directory)
     return model.to(device).eval(), tokenizer, config
 

@@ -50,6 +50,15 @@ def add_dataclass_flags(parser, cls, skip=(), group_title=None, help_texts=None,
                                help=text)
 
 
+def add_precision_flags(parser, purpose: str = "run the model in this precision") -> None:
+    from .model.quant import DTYPES, QUANTIZATIONS
+
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default=None,
+                        help=f"{purpose}: cast the weights (default: as saved, usually float32)")
+    parser.add_argument("--quantize", choices=QUANTIZATIONS, default=None,
+                        help=f"{purpose}: int8 weight matrices, CPU only (default: as saved)")
+
+
 def _given(args, cls, skip=()) -> dict:
     return {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)
             if f.name not in skip and getattr(args, f.name, None) is not None}
@@ -66,7 +75,7 @@ def _emit(args, data, text: str | None = None) -> None:
 def cmd_train(args) -> int:
     from .checkpoint import read_config
     from .model import ModelConfig, preset
-    from .train import PRESET_TRAINING, TrainConfig, check_same_architecture, train
+    from .train import PRESET_TRAINING, TrainConfig, check_same_architecture, process_rank, train
 
     model_overrides = _given(args, ModelConfig, skip=("vocab_size",))
     train_overrides = _given(args, TrainConfig)
@@ -89,6 +98,8 @@ def cmd_train(args) -> int:
         train_config = TrainConfig(**{**PRESET_TRAINING.get(name, {}), **train_overrides})
     summary = train(model_config, train_config, args.out, resume=args.resume, overwrite=args.overwrite,
                     progress=not args.json and not args.quiet, log=(lambda *a, **k: None) if args.json else print)
+    if process_rank()[0] != 0:
+        return 0  # under torchrun only rank 0 speaks
     _emit(args, summary, None)
     if not args.json:
         print(f"checkpoint: {args.out}   val loss {summary.get('val_loss', float('nan')):.4f}   "
@@ -97,12 +108,20 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_plot(args) -> int:
+    from .train import plot_runs
+
+    plot_runs(args.runs, args.out, x=args.x)
+    print(f"wrote {args.out}")
+    return 0
+
+
 # ---------------------------------------------------------------- generate
 def cmd_generate(args) -> int:
     from .api import load
     from .generation import format_trace
 
-    lm = load(args.checkpoint, device=args.device)
+    lm = load(args.checkpoint, device=args.device, dtype=args.dtype, quantize=args.quantize)
     prompts = list(args.prompt or [])
     if args.prompt_file:
         with open(args.prompt_file, encoding="utf-8") as handle:
@@ -179,8 +198,10 @@ def cmd_inspect(args) -> int:
 
     from .api import load
     from .generation import kv_cache_bytes
+    from .generation.cache import cross_cache_bytes
+    from .model.quant import precision, weight_bytes
 
-    lm = load(args.checkpoint, device="cpu")
+    lm = load(args.checkpoint, device="cpu", dtype=args.dtype, quantize=args.quantize)
     model = lm.model
     config = model.config
     total = model.num_parameters()
@@ -190,25 +211,39 @@ def cmd_inspect(args) -> int:
         if id(param) in seen:
             continue
         seen.add(id(param))
-        top = name.split(".")[0] if not name.startswith("blocks.") else ".".join(name.split(".")[:2])
+        in_stack = name.split(".")[0] in ("blocks", "encoder", "decoder")
+        top = ".".join(name.split(".")[:2]) if in_stack else name.split(".")[0]
         modules[top] = modules.get(top, 0) + param.numel()
     state = {k: list(v.shape) for k, v in model.state_dict().items()}
-    dtype = next(model.parameters()).dtype
+    dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
     length = args.cache_length or config.context_length
+    weights = weight_bytes(model)
     cache = kv_cache_bytes(config, args.cache_batch, length, dtype)
     data = {"source": lm.source, "model": config.to_dict(), "parameters": total, "modules": modules,
+            "precision": precision(model), "weight_bytes": weights,
             "tokenizer": getattr(lm.tokenizer, "spec", None), "state_dict": state,
             "kv_cache": {"batch": args.cache_batch, "length": length, "bytes": cache,
                          "formula": "2 x layers x kv_heads x head_dim x length x batch x bytes"},
             "train": lm.config.get("train"), "step": lm.config.get("step")}
+    if lm.is_seq2seq:
+        cross = cross_cache_bytes(config, args.cache_batch, length, dtype)
+        data["cross_attention_cache"] = {"sources": args.cache_batch, "source_length": length, "bytes": cross,
+                                         "formula": "2 x decoder layers x kv_heads x head_dim x source length x "
+                                                    "sources x bytes (shared by the beams of a source)"}
     lines = [f"source: {lm.source}", f"tokenizer: {data['tokenizer']} (vocab {config.vocab_size})", "config:"]
     lines += [f"  {k} = {v}" for k, v in config.to_dict().items()]
-    lines += [f"parameters: {total:,}", "per module:"]
+    lines += [f"parameters: {total:,}", f"precision: {precision(model)['dtype']}"
+              + (f", {precision(model)['quantize']} matrices" if precision(model)["quantize"] else ""),
+              f"weights: {weights:,} bytes ({weights / 2**20:.2f} MiB)", "per module:"]
     lines += [f"  {k:<16}{v:>14,}" for k, v in modules.items()]
     lines += [f"KV cache for batch {args.cache_batch} x {length} tokens ({str(dtype).replace('torch.', '')}): "
               f"{cache:,} bytes ({cache / 2**20:.2f} MiB) = 2 x {config.n_layers} layers x {config.kv_heads} kv heads"
               f" x {config.hidden_head_dim} head dim x {length} x {args.cache_batch} x "
-              f"{torch.empty((), dtype=dtype).element_size()} bytes", "state_dict:"]
+              f"{torch.empty((), dtype=dtype).element_size()} bytes"]
+    if lm.is_seq2seq:
+        lines += [f"cross-attention cache for {args.cache_batch} source(s) x {length} tokens: {cross:,} bytes "
+                  f"({cross / 2**20:.2f} MiB), computed once per source and shared by its beams"]
+    lines += ["state_dict:"]
     lines += [f"  {k:<48}{tuple(v)}" for k, v in state.items()]
     _emit(args, data, "\n".join(lines))
     return 0
@@ -224,9 +259,11 @@ def cmd_eval(args) -> int:
     from .api import load
     from .data import load_text
 
-    lm = load(args.checkpoint, device=args.device)
+    lm = load(args.checkpoint, device=args.device, dtype=args.dtype, quantize=args.quantize)
     if lm.tokenizer is None:
         raise ValueError(f"{args.checkpoint} has no tokenizer to read text with")
+    if lm.is_seq2seq:
+        return _eval_translation(args, lm)
     text, description = load_text(args.data)
     ids = torch.tensor(lm.tokenizer.encode(text), dtype=torch.long)
     window = min(args.context_length or lm.model.config.context_length, lm.model.config.context_length)
@@ -251,23 +288,77 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def _eval_translation(args, lm) -> int:
+    from .data import load_pairs
+    from .evaluation import evaluate_translation
+
+    if args.data is None:
+        raise ValueError("a seq2seq model is scored on sentence pairs: give --data test.tsv (source<TAB>reference) "
+                         "or --data SOURCES --target-data REFERENCES")
+    for name in ("batch_size", "num_beams", "max_pairs"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+    pairs, description = load_pairs(args.data, args.target_data)
+    if args.max_pairs:
+        pairs = pairs[:args.max_pairs]
+    result = evaluate_translation(lm, pairs, num_beams=args.num_beams, batch_size=args.batch_size,
+                                  bleu_tokenize=args.bleu_tokenize, progress=not args.json)
+    hypotheses = result.pop("hypotheses")
+    if args.outputs:
+        with open(args.outputs, "w", encoding="utf-8") as handle:
+            handle.write("".join(h + "\n" for h in hypotheses))
+    data = {"data": description, **result}
+    _emit(args, data, f"{description}: {result['pairs']:,} pairs  loss {result['loss']:.4f}  "
+                      f"BLEU {result['bleu']:.2f} ({result['bleu_tokenize']})  chrF {result['chrf']:.2f}  "
+                      f"exact match {100 * result['exact_match']:.1f}%  "
+                      f"({'greedy' if args.num_beams == 1 else f'beam {args.num_beams}'})")
+    return 0
+
+
+# ---------------------------------------------------------------- attention
+def cmd_attention(args) -> int:
+    from .api import load
+    from .attention import attention_maps, plot_attention
+
+    lm = load(args.checkpoint, device="cpu")
+    if lm.tokenizer is None:
+        raise ValueError(f"{args.checkpoint} has no tokenizer to read the prompt with")
+    maps = attention_maps(lm, args.prompt, args.max_new_tokens)
+    path = plot_attention(maps, args.out, args.layer)
+    _emit(args, {"out": str(path), "kind": maps.kind, "layers": len(maps.layers), "text": maps.text,
+                 "queries": maps.queries, "keys": maps.keys},
+          f"{maps.kind}-attention of {len(maps.layers)} layer(s) -> {path}\ngenerated: {maps.text!r}")
+    return 0
+
+
 # ---------------------------------------------------------------- export / convert
 def cmd_export(args) -> int:
     from .api import load
-    from .interop.hf import export_hf
 
     lm = load(args.checkpoint, device="cpu")
-    notes = export_hf(lm.model, lm.tokenizer, args.out_dir, source_tokenizer=lm.source_tokenizer,
-                      generation=lm.generation_defaults) or []
-    _emit(args, {"out_dir": args.out_dir, "format": args.format, "notes": list(notes)},
-          "\n".join([f"exported {args.checkpoint} -> {args.out_dir} (Hugging Face format)", *notes]))
+    if args.format == "gguf":
+        from .interop.gguf import export_gguf
+
+        notes = export_gguf(lm.model, lm.tokenizer, args.out, quantize=args.quantize or "f32")
+        what = f"GGUF, {args.quantize or 'f32'}"
+    else:
+        from .interop.hf import export_hf
+
+        if args.quantize:
+            raise ValueError("--quantize is for --format gguf; Hugging Face export writes the model's own dtype")
+        notes = export_hf(lm.model, lm.tokenizer, args.out, source_tokenizer=lm.source_tokenizer,
+                          generation=lm.generation_defaults) or []
+        what = "Hugging Face format"
+    _emit(args, {"out_dir": args.out, "format": args.format, "quantize": args.quantize, "notes": list(notes)},
+          "\n".join([f"exported {args.checkpoint} -> {args.out} ({what})", *notes]))
     return 0
 
 
 def cmd_convert(args) -> int:
     from .interop import convert
 
-    out = convert(args.source, args.out_dir)
+    out = convert(args.source, args.out_dir, dtype=args.dtype, quantize=args.quantize)
     _emit(args, {"source": args.source, "out_dir": str(out)}, f"converted {args.source} -> {out}")
     return 0
 
@@ -332,6 +423,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataclass_flags(p, TrainConfig, group_title="training")
     p.set_defaults(func=cmd_train)
 
+    p = command("plot", "overlay the val-loss curves of training runs (their metrics.jsonl) in one PNG")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR")
+    p.add_argument("--out", default="curves.png", help="PNG to write (default: curves.png)")
+    p.add_argument("--x", default="step", choices=("step", "tokens", "elapsed"), help="x axis (default: step)")
+    p.set_defaults(func=cmd_plot)
+
     p = command("generate", "generate text from a checkpoint, a Hugging Face directory or a tutorial .ckpt")
     p.add_argument("checkpoint")
     p.add_argument("--prompt", action="append", help="prompt text; repeat for a batch")
@@ -359,12 +456,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--window", default="auto", choices=("auto", "roll", "recompute"),
                    help="past the context: roll the cache (RoPE) or recompute the last context_length tokens")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    add_precision_flags(p)
     p.set_defaults(func=cmd_generate)
 
     p = command("inspect", "show config, parameter counts, weight names and shapes, KV-cache size")
     p.add_argument("checkpoint")
     p.add_argument("--cache-batch", type=int, default=1, help="batch size for the KV-cache size (default 1)")
     p.add_argument("--cache-length", type=int, default=None, help="tokens for the KV-cache size (default: context)")
+    add_precision_flags(p)
     p.set_defaults(func=cmd_inspect)
 
     p = command("eval", "loss, perplexity and bits per byte of a model on text")
@@ -373,17 +472,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context-length", type=int, default=None)
     p.add_argument("--max-tokens", type=int, default=None, help="score at most this many tokens")
     p.add_argument("--device", default="auto")
+    add_precision_flags(p)
+    s2s = p.add_argument_group("seq2seq models (--data is a TSV of source<TAB>reference pairs)")
+    s2s.add_argument("--target-data", default=None, help="references as a file aligned with --data")
+    s2s.add_argument("--num-beams", type=int, default=1, help="decode with beam search (default: greedy)")
+    s2s.add_argument("--batch-size", type=int, default=64, help="sources decoded at once (default 64)")
+    s2s.add_argument("--bleu-tokenize", default=None, choices=("13a", "zh", "intl", "char", "none"),
+                     help="sacrebleu tokenizer (default: zh for Chinese/Japanese references, else 13a)")
+    s2s.add_argument("--max-pairs", type=int, default=None, help="score only the first N pairs")
+    s2s.add_argument("--outputs", default=None, help="write the translations here, one per line")
     p.set_defaults(func=cmd_eval)
 
-    p = command("export", "export a model to another format (Hugging Face: config.json + model.safetensors)")
+    p = command("attention", "draw attention heat maps of one generation (cross-attention for seq2seq)")
     p.add_argument("checkpoint")
-    p.add_argument("out_dir")
-    p.add_argument("--format", default="hf", choices=("hf",))
+    p.add_argument("--prompt", required=True, help="the prompt (the source sentence for seq2seq)")
+    p.add_argument("--out", default="attention.png", help="PNG to write (default: attention.png)")
+    p.add_argument("--layer", type=int, default=None, help="draw only this layer (0-based; default: all)")
+    p.add_argument("--max-new-tokens", type=int, default=20)
+    p.set_defaults(func=cmd_attention)
+
+    p = command("export", "export a model to another format: Hugging Face (config.json + model.safetensors) or "
+                          "GGUF (one file for llama.cpp, ollama, LM Studio)")
+    p.add_argument("checkpoint")
+    p.add_argument("out", help="output directory (hf) or file (gguf)")
+    p.add_argument("--format", default="hf", choices=("hf", "gguf"))
+    p.add_argument("--quantize", default=None, choices=("f32", "f16", "q8_0"),
+                   help="GGUF weight matrices' type (default: f32)")
     p.set_defaults(func=cmd_export)
 
     p = command("convert", "convert a tutorial .ckpt or a Hugging Face directory to a tinyformer checkpoint")
     p.add_argument("source")
     p.add_argument("out_dir")
+    add_precision_flags(p, "store the weights in this precision (quantize once, load fast)")
     p.set_defaults(func=cmd_convert)
 
     p = command("serve", "serve a model over an OpenAI-compatible HTTP API, with a playground at /")

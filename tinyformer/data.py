@@ -71,9 +71,11 @@ class TokenData:
         return cls(torch.tensor(train_ids, dtype=dtype), torch.tensor(val_ids, dtype=dtype),
                    len(text[cut:].encode("utf-8")))
 
-    def batch(self, split: str, batch_size: int, context_length: int, generator: torch.Generator):
+    def batch(self, split: str, batch_size: int, context_length: int, generator: torch.Generator,
+              rows: slice = slice(None)):
+        """batch_size random windows; `rows` keeps a part of them (one process's share of a global batch)."""
         ids = self.train if split == "train" else self.val
-        starts = torch.randint(len(ids) - context_length, (batch_size,), generator=generator)  # room for +1
+        starts = torch.randint(len(ids) - context_length, (batch_size,), generator=generator)[rows]  # room for +1
         offsets = torch.arange(context_length + 1)
         windows = ids[starts.unsqueeze(1) + offsets].long()
         return windows[:, :-1], windows[:, 1:]
@@ -144,6 +146,7 @@ class PairData:
     @classmethod
     def from_pairs(cls, pairs: list[tuple[str, str]], tokenizer, source_tokenizer=None, val_fraction: float = 0.1,
                    context_length: int = 128, batch_tokens: int = 4096) -> "PairData":
+        """val_fraction 1.0 puts every pair in "val" (to score a test set)."""
         source_tokenizer = source_tokenizer or tokenizer
         split_pairs = {"train": [], "val": []}
         val_bytes = 0
@@ -158,7 +161,7 @@ class PairData:
             split_pairs[split].append((s, t))
             if split == "val":
                 val_bytes += len(tgt.encode("utf-8"))
-        if not split_pairs["train"] or not split_pairs["val"]:
+        if val_fraction < 1.0 and (not split_pairs["train"] or not split_pairs["val"]):
             raise DataError(f"data too small: {len(pairs)} pair(s) leave none for "
                             f"{'training' if not split_pairs['train'] else 'validation'} at val_fraction {val_fraction}")
         batches = {split: _buckets(items, batch_tokens) for split, items in split_pairs.items()}
@@ -183,9 +186,17 @@ class PairData:
 
     def batch(self, split: str, generator: torch.Generator):
         """A random bucket (drawn with replacement, so a resumed run continues from the generator's state)."""
-        buckets = self.batches[split]
-        index = int(torch.randint(len(buckets), (1,), generator=generator))
-        return self.collate([self.pairs[split][i] for i in buckets[index]])
+        return self.collate(self.bucket(split, self.draw_buckets(split, 1, generator)[0]))
+
+    def draw_buckets(self, split: str, count: int, generator: torch.Generator) -> list[int]:
+        return torch.randint(len(self.batches[split]), (count,), generator=generator).tolist()
+
+    def bucket(self, split: str, index: int) -> list[tuple[list[int], list[int]]]:
+        return [self.pairs[split][i] for i in self.batches[split][index]]
+
+    @staticmethod
+    def scored_tokens(items) -> int:
+        return sum(len(t) + 1 for _, t in items)  # the target and its <eos>
 
     def all_batches(self, split: str):
         for bucket in self.batches[split]:

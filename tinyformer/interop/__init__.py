@@ -8,12 +8,13 @@ from .book import load_book
 from .hf import export_hf, load_hf
 
 
-def convert(src, out_dir, device: str = "cpu") -> Path:
-    """Load any supported source (tinyformer.load) and write it as a native tinyformer checkpoint directory."""
+def convert(src, out_dir, device: str = "cpu", dtype: str | None = None, quantize: str | None = None) -> Path:
+    """Load any supported source (tinyformer.load, optionally cast or quantized) and write it as a native
+    tinyformer checkpoint directory."""
     from ..api import load
     from ..checkpoint import save_checkpoint
 
-    lm = load(src, device=device)
+    lm = load(src, device=device, dtype=dtype, quantize=quantize)
     if lm.tokenizer is None:
         raise CheckpointError(f"{src} has no tokenizer (no tokenizer.json); a tinyformer checkpoint needs one")
     extra = {"converted_from": str(src)}

@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 
 from ..checkpoint import CheckpointError, load_state_into, load_weights, read_json_object, safe_torch_load
 from ..model import GPT, ConfigError, ModelConfig
+from ..model.quant import require_float
 from ..tokenizers import HFTokenizer
 
 ARCHITECTURES = {"gpt2": ("GPT2LMHeadModel", "GPT2Model"), "llama": ("LlamaForCausalLM", "LlamaModel")}
@@ -296,6 +297,7 @@ def export_hf(model, tokenizer, out_dir, source_tokenizer=None, generation: dict
     """
     from ..checkpoint import is_checkpoint
 
+    require_float(model, "Hugging Face export")
     c = model.config
     out_dir = Path(out_dir)
     if is_checkpoint(out_dir):

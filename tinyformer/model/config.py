@@ -130,7 +130,7 @@ PRESETS: dict[str, dict] = {
     "gpt2": dict(d_model=768, n_layers=12, n_heads=12, context_length=1024, dropout=0.0,
                  positional="learned", norm="layernorm", mlp="gelu", bias=True, tie_embeddings=True),
     # Encoder-decoder for translation on a laptop CPU: chosen by measurement on benchmarks/translate.py.
-    "seq2seq": dict(architecture="seq2seq", d_model=256, n_layers=3, n_encoder_layers=3, n_heads=4, d_ff=1024,
+    "seq2seq": dict(architecture="seq2seq", d_model=128, n_layers=2, n_encoder_layers=2, n_heads=4, d_ff=512,
                     context_length=64, dropout=0.1, positional="sinusoidal", norm="layernorm", mlp="relu",
                     scale_embeddings=True, tie_embeddings=True),
     # The shape of Hugging Face's opus-mt Marian models: 6+6 post-norm layers, swish, sinusoidal halves.

@@ -44,6 +44,9 @@ class Limits:
 
 def make_engine(lm, limits: Limits, on_step=None) -> Batcher:
     """The engine for a loaded model: the one place that knows which model kinds the batcher serves."""
+    if lm.model.config.architecture != "gpt":
+        raise ValueError(f"serving {lm.model.config.architecture} models is not supported yet; "
+                         f"use `tinyformer generate` or LanguageModel.generate for them")
     return Batcher(lm.model, lm.tokenizer, max_batch=limits.max_batch, max_queue=limits.max_queue, on_step=on_step)
 
 

@@ -1,0 +1,224 @@
+"""Weight precision for inference: float32, 16-bit or int8 weights, and the CPU kernel that multiplies by each.
+
+`set_precision(model, dtype, quantize)` works on any module built from `layers.Linear` (GPT, seq2seq): `dtype`
+casts the model like `model.to(dtype)`; `quantize="int8"` then stores every Linear's weight as int8 with one
+float32 scale per output row (symmetric, scale = max |w| / 127). Embeddings and norms keep `dtype`. The weights
+stay ordinary tensors in the state dict (`X.weight` int8 + `X.weight_scale`), so a quantized model is saved and
+loaded like any other (safetensors).
+
+The kernel per precision was chosen by timing the candidates on GPT-2-124M's 49 weight matrices, one token's worth
+(ms for all 49 at 1 row / 8 rows; 2-core AMD EPYC VM with AVX2 but no AVX-512, torch 2.13, one thread so that
+OpenMP wake-ups, which cost ~12 ms each on this VM, do not hide the kernels; issue 9 has an AVX-512 machine's):
+- float32: column-major F.linear 19.4 / 88.8, oneDNN pre-packed 23.0 / 55.8: one row column-major, several rows
+  pre-packed.
+- bfloat16 / float16: fbgemm's float16 kernel (`linear_dynamic_fp16`: weights packed as float16, float32
+  accumulation) 16.4 / 33.9. F.linear in bfloat16 is 10-20x slower than float32 without AVX-512, and oneDNN refuses
+  to pre-pack bfloat16 there; on the AVX-512 machine fbgemm float16 still beat pre-packed bfloat16 (8.0 vs 8.9 ms).
+  Every bfloat16 weight is exactly a float16 value unless |w| < 6e-5 (float16 subnormals: absolute error < 6e-8).
+- int8: fbgemm's dynamically quantized linear (`quantized.linear_dynamic`: activations quantized per call to
+  uint8, int8 weights, int32 accumulation) 11.9 / 22.6. Slower: `aten._weight_int8pack_mm` (plain tensors,
+  weight-only) 19.6 / 68.3 with bfloat16 activations; with float32 ones, and torchao 0.18's int8 configs, were
+  50-70x slower than fbgemm at one row in a (busy) two-thread run. fbgemm is reached through torch's quantized-tensor API,
+  deprecated in 2.13 with no CPU successor yet, so its deprecation warning is silenced where we build the packed
+  weight, and `_weight_int8pack_mm` runs wherever fbgemm is missing or autograd is on.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+QUANTIZATIONS = ("int8",)
+
+
+class PrecisionError(ValueError):
+    """An unsupported dtype / quantization / device combination; the message names it and what is allowed."""
+
+
+def check_precision(dtype: str | None, quantize: str | None) -> None:
+    if dtype is not None and dtype not in DTYPES:
+        raise PrecisionError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    if quantize is not None and quantize not in QUANTIZATIONS:
+        raise PrecisionError(f"quantize {quantize!r} is not one of {', '.join(QUANTIZATIONS)} (or none)")
+
+
+def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row int8: weight ~= q * scale[:, None], q in [-127, 127], scale float32 [rows]."""
+    weight = weight.detach().float()
+    scale = weight.abs().amax(dim=1).clamp(min=1e-12) / 127
+    q = torch.round(weight / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def linears(model: nn.Module):
+    from .layers import Linear
+
+    return [m for m in model.modules() if isinstance(m, Linear)]
+
+
+def set_precision(model: nn.Module, dtype: str | None = None, quantize: str | None = None) -> nn.Module:
+    """Cast the model to `dtype` and/or quantize its Linear weights, in place; `None` keeps what it has."""
+    check_precision(dtype, quantize)
+    layers = linears(model)
+    if quantize and any(p.device.type != "cpu" for p in model.parameters()):
+        raise PrecisionError("quantize='int8' runs on the CPU only (fbgemm kernels); load with device='cpu'")
+    if dtype is not None:
+        scales = [(m, m.weight_scale) for m in layers if m.weight_scale is not None]
+        model.to(DTYPES[dtype])  # casts floating tensors only: int8 weights stay int8
+        for m, scale in scales:  # a scale rounded to 16 bits would shift its whole row by up to 0.4%
+            m.weight_scale = scale
+    if quantize == "int8":
+        for m in layers:
+            m.quantize_int8()
+    return model
+
+
+def pack(model: nn.Module) -> nn.Module:
+    """Build every Linear's fast kernel (see layers.Linear.pack), then let modules fuse their Linears (e.g.
+    Attention's q, k, v); values, names and shapes are unchanged."""
+    from .layers import Linear
+
+    for m in linears(model):
+        m.pack()
+    for m in model.modules():
+        if hasattr(m, "pack") and not isinstance(m, Linear):
+            m.pack()
+    return model
+
+
+def precision(model: nn.Module) -> dict:
+    """{"dtype": name of the floating weights' dtype, "quantize": "int8" or None} as saved in config.json."""
+    floating = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    name = next(k for k, v in DTYPES.items() if v == floating)
+    return {"dtype": name, "quantize": "int8" if any(m.weight_scale is not None for m in linears(model)) else None}
+
+
+def require_float(model: nn.Module, what: str) -> None:
+    """Refuse int8 matrices where float weights are needed (exports write their own formats' precisions)."""
+    if precision(model)["quantize"]:
+        raise PrecisionError(f"{what} needs float weights but this model's matrices are int8; "
+                             f"start from the float checkpoint (no --quantize)")
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of the model's weights as stored (parameters and persistent buffers, shared tensors counted once)."""
+    seen, total = set(), 0
+    for tensor in model.state_dict().values():
+        if tensor.data_ptr() not in seen:
+            seen.add(tensor.data_ptr())
+            total += tensor.numel() * tensor.element_size()
+    return total
+
+
+# ----------------------------------------------------------------------------------------------------- kernels
+
+_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+_FBGEMM = "fbgemm" in torch.backends.quantized.supported_engines and hasattr(torch.ops.quantized, "linear_dynamic")
+
+
+class Float32Kernel:
+    """One row: F.linear on the column-major weight; several rows: oneDNN's pre-packed copy."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        self.weight, self.bias = weight, bias
+        self.packed = None
+        if _ONEDNN:
+            try:
+                self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 8)
+            except (RuntimeError, AttributeError):  # an unusual build: keep the plain path
+                self.packed = None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None and x.numel() > x.shape[-1]:
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        return F.linear(x, self.weight, self.bias)
+
+
+class Float16Kernel:
+    """bfloat16 / float16 weights through fbgemm's float16 kernel; activations cross it in float32."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        self.out_features = weight.shape[0]
+        self.packed = torch.ops.quantized.linear_prepack_fp16(weight.detach().float(),
+                                                              None if bias is None else bias.detach().float())
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.ops.quantized.linear_dynamic_fp16(x.reshape(-1, x.shape[-1]).float(), self.packed)
+        return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
+
+
+class Int8Kernel:
+    """fbgemm: activations quantized to uint8 per call (per tensor), int8 weights per row, int32 accumulation.
+
+    reduce_range=True keeps activations to 7 bits: fbgemm's AVX2 inner product adds pairs of uint8 x int8 products
+    in saturating int16, and 2 x 255 x 127 would overflow it."""
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None):
+        self.out_features = q.shape[0]
+        zero = torch.zeros(q.shape[0], dtype=torch.long)
+        with warnings.catch_warnings():  # the quantized-tensor API's deprecation: see the module docstring
+            warnings.simplefilter("ignore")
+            qweight = torch._make_per_channel_quantized_tensor(q.cpu(), scale.double().cpu(), zero, 0)
+            self.packed = torch.ops.quantized.linear_prepack(qweight, None if bias is None else bias.detach().float())
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.ops.quantized.linear_dynamic(x.reshape(-1, x.shape[-1]).float(), self.packed, True)
+        return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
+
+
+class FusedLinears:
+    """Linears that read the same input run as one matrix product: one kernel call and (int8) one activation
+    quantization instead of several; in a GPT-2-124M decode step this saves 24 of 49 matrix calls. Each output
+    column is the same dot product as in its own layer. Used only while no weight changed; else each layer runs."""
+
+    def __init__(self, layers):
+        self.layers, self.sizes = list(layers), [layer.out_features for layer in layers]
+        weights = [layer.weight.detach() for layer in self.layers]
+        biases = [layer.bias.detach() if layer.bias is not None else torch.zeros(n, dtype=w.dtype, device=w.device)
+                  for layer, w, n in zip(self.layers, weights, self.sizes)]
+        scales = [layer.weight_scale for layer in self.layers]
+        self.kernel = None
+        if len({(w.dtype, w.device) for w in weights}) == 1 and (all(s is None for s in scales)
+                                                                 or all(s is not None for s in scales)):
+            weight = torch.cat(weights)
+            if weight.is_floating_point():
+                weight = weight.t().contiguous().t()  # column-major, as Linear.pack lays out
+            has_bias = any(layer.bias is not None for layer in self.layers)
+            self.kernel = make_kernel(weight, torch.cat(biases) if has_bias else None,
+                                      torch.cat(scales) if scales[0] is not None else None)
+        self.versions = self._versions()
+        if self.kernel is not None:
+            for layer in self.layers:  # their own kernels would only ever run when the fused one is stale too
+                layer._kernel = None
+
+    def _versions(self) -> list:
+        return [layer._weight_version() for layer in self.layers]
+
+    def __call__(self, x: torch.Tensor):
+        if self.kernel is None or torch.is_grad_enabled() or self._versions() != self.versions:
+            return [layer(x) for layer in self.layers]
+        return self.kernel(x).split(self.sizes, dim=-1)
+
+
+def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The plain-tensor int8 product, used where fbgemm is missing or autograd is on: weight-only int8."""
+    flat = x.reshape(-1, x.shape[-1])
+    y = torch.ops.aten._weight_int8pack_mm(flat, q, scale.to(flat.dtype))
+    y = y.view(*x.shape[:-1], q.shape[0])
+    return y if bias is None else y + bias
+
+
+def make_kernel(weight: torch.Tensor, bias: torch.Tensor | None, scale: torch.Tensor | None):
+    """The fastest CPU kernel for this weight's precision, or None to keep the plain path (see the docstring)."""
+    if weight.device.type != "cpu":
+        return None
+    if scale is not None:
+        return Int8Kernel(weight, scale, bias) if _FBGEMM else None
+    if weight.dtype == torch.float32:
+        return Float32Kernel(weight, bias)
+    if weight.dtype in (torch.bfloat16, torch.float16) and _FBGEMM:
+        return Float16Kernel(weight, bias)
+    return None
