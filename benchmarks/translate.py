@@ -121,21 +121,28 @@ def _id(token: str) -> int:
     return {"</s>": EOS, "<unk>": UNK, "<pad>": PAD}.get(token) or int(token[1:])
 
 
-def timed(engine, sources, beams, batch, repeats) -> tuple[float, list[list[int]]]:
-    """(sentences per second, best of `repeats`, and the outputs), sources fed `batch` at a time."""
-    best, outputs = float("inf"), None
+def timed(engines, sources, beams, batch, repeats) -> dict:
+    """name -> (sentences per second, best of `repeats`; the outputs), sources fed `batch` at a time. The engines
+    take turns within each repeat, so a change in the machine's load hits them alike."""
+    best, outputs = {e.name: float("inf") for e in engines}, {}
     for _ in range(repeats):
-        start = time.perf_counter()
-        outputs = [out for i in range(0, len(sources), batch) for out in engine.run(sources[i:i + batch], beams)]
-        best = min(best, time.perf_counter() - start)
-    return len(sources) / best, outputs
+        for engine in engines:
+            start = time.perf_counter()
+            outputs[engine.name] = [out for i in range(0, len(sources), batch)
+                                    for out in engine.run(sources[i:i + batch], beams)]
+            best[engine.name] = min(best[engine.name], time.perf_counter() - start)
+    return {name: (len(sources) / best[name], outputs[name]) for name in best}
 
 
 def speed(args) -> dict:
     """The speed table: sentences/s for every engine and row, and our ratios against the peers."""
     torch.set_num_threads(args.threads)
-    directory = Path(tempfile.mkdtemp(prefix="tinyformer-translate-"))
-    build_marian(directory, args.seed)
+    if args.model_dir:  # reuse a directory an earlier run built (and converted)
+        directory = Path(args.model_dir)
+    else:
+        directory = Path(tempfile.mkdtemp(prefix="tinyformer-translate-"))
+        build_marian(directory, args.seed)
+        print(f"model directory: {directory} (reuse it with --model-dir)", flush=True)
     engines = [Ours(directory), Transformers(directory)]
     try:
         import ctranslate2  # noqa: F401
@@ -150,14 +157,14 @@ def speed(args) -> dict:
     for label, sources, batch in rows:
         for beams in (1, 4):
             row = {"row": label, "beams": beams}
-            reference = None
             for engine in engines:
                 engine.run(sources[:batch], beams)  # warm up
-                rate, outputs = timed(engine, sources, beams, batch, args.repeats)
-                assert all(len(o) == NEW_TOKENS for o in outputs), f"{engine.name} did not write {NEW_TOKENS} tokens"
-                reference = reference or outputs
+            measured = timed(engines, sources, beams, batch, args.repeats)
+            reference = measured["tinyformer"][1]
+            for name, (rate, outputs) in measured.items():
+                assert all(len(o) == NEW_TOKENS for o in outputs), f"{name} did not write {NEW_TOKENS} tokens"
                 agree = sum(a == b for a, b in zip(outputs, reference)) / len(sources)
-                row[engine.name] = {"sentences_per_s": rate, "agree": agree}
+                row[name] = {"sentences_per_s": rate, "agree": agree}
             results.append(row)
             _print_row(row, [e.name for e in engines])
     return {"threads": args.threads, "new_tokens": NEW_TOKENS, "rows": results}
@@ -186,7 +193,8 @@ def main(argv=None) -> int:
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
-    parser.add_argument("--repeats", type=int, default=2, help="timed runs per cell (best is kept)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per cell (best is kept)")
+    parser.add_argument("--model-dir", help="a directory an earlier run built (its path is printed)")
     parser.add_argument("--singles", type=int, default=8, help="sources decoded one at a time in the batch-1 rows")
     parser.add_argument("--budgets", default="300,600", help="quality: training seconds per run, comma-separated")
     parser.add_argument("--pairs", default="fra-eng,eng-cmn", help="quality: fra-eng, eng-cmn or both")
@@ -194,7 +202,8 @@ def main(argv=None) -> int:
     report = {}
     if args.only in (None, "speed"):
         print(f"speed: random opus-mt-shaped Marian (6+6 x 512, vocabulary {VOCAB}), float32, {args.threads} "
-              f"threads, {NEW_TOKENS} target tokens per source; x = tinyformer's speed / the engine's")
+              f"threads, {NEW_TOKENS} target tokens per source; x = tinyformer's speed / the engine's; load "
+              f"average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs (others' work skews the figures)")
         report["speed"] = speed(args)
     if args.only in (None, "quality"):
         report["quality"] = quality(args)

