@@ -40,14 +40,6 @@ def toy_train(data, **overrides) -> TrainConfig:
 
 
 @pytest.fixture(scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models run fastest on one thread
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
 def reversed_run(tmp_path_factory, one_thread):
     root = tmp_path_factory.mktemp("reverse")
     (root / "pairs.tsv").write_text(reverse_pairs(1000), encoding="utf-8")

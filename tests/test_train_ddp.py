@@ -12,7 +12,7 @@ from tinyformer.model import ModelConfig
 from tinyformer.train import TrainConfig, train
 
 from .test_seq2seq_train import reverse_pairs, toy_model
-from .test_train import TEXT, metrics, quick, tiny, train_losses, weights
+from .test_train import metrics, quick, text_file, tiny, train_losses, weights  # noqa: F401 (text_file: a fixture)
 
 QUIET = dict(progress=False, log=None)
 
@@ -34,19 +34,7 @@ def run_ddp(world, model_config, train_config, out, resume=False):
     mp.spawn(_worker, args=(world, free_port(), model_config, train_config, str(out), resume), nprocs=world)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def text_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "fox.txt"
-    path.write_text(TEXT * 60, encoding="utf-8")
-    return path
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def assert_same_weights(a, b):
