@@ -136,3 +136,18 @@ def test_seq2seq_limits_are_the_sources_and_the_targets(server):
     assert response.json()["usage"] == {"prompt_tokens": 32, "completion_tokens": 32, "total_tokens": 64}
     response = httpx.post(server.url + "/v1/completions", json={"prompt": "il", "max_tokens": 33})
     assert response.status_code == 400 and json.loads(response.text)["error"]["param"] == "max_tokens"
+
+
+def test_the_models_own_generation_settings_apply_to_every_request(one_thread):
+    # a Marian model's config bans tokens and forces a final <eos> (LanguageModel.generation_defaults); the server
+    # must decode as generate() does, or its translations differ from the CLI's
+    lm = seq2seq_lm(seed=1)
+    free = lm.generate("je suis content .", max_new_tokens=8, temperature=0, details=True)
+    lm.generation_defaults = {"suppress_token_ids": [free.token_ids[0]], "forced_eos_token_id": lm.tokenizer.eos_id}
+    want = lm.generate("je suis content .", max_new_tokens=8, temperature=0, details=True)
+    assert want.token_ids[0] != free.token_ids[0] and want.finish_reason == "eos"  # both settings show
+    with RunningServer(create_app(lm, name="marian-like")) as s:
+        r = httpx.post(s.url + "/v1/completions", json={"prompt": "je suis content .", "max_tokens": 8,
+                                                        "temperature": 0}, timeout=30).json()
+    assert r["choices"][0]["token_ids"] == want.token_ids and r["choices"][0]["finish_reason"] == "stop"
+    assert r["usage"]["completion_tokens"] == 8  # seven tokens and the forced <eos>
