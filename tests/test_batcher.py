@@ -262,7 +262,7 @@ def test_cache_add_rows_carries_sources_and_select_trims_them():
         return cache
 
     a, b = cache_with_sources([3]), cache_with_sources([6, 2])
-    a_cross, b_cross = [tuple(t.clone() for t in kv) for kv in a.cross], [tuple(t.clone() for t in kv) for kv in b.cross]
+    a_cross, b_cross = ([tuple(t.clone() for t in kv) for kv in cache.cross] for cache in (a, b))
     a.add_rows(b)
     assert a.batch_size == a.cross_sources == 3 and a.source_length == 6
     assert a.memory_mask[0][:, 0, 0].tolist() == [[True] * 3 + [False] * 3, [True] * 6, [True] * 2 + [False] * 4]

@@ -185,7 +185,7 @@ class KVCache:
     # have not wrapped (the batcher keeps every row inside the context window).
 
     def add_rows(self, other: "KVCache") -> None:
-        """Append the rows of `other` (a freshly prefilled cache) to this batch, with their encoded sources (seq2seq)."""
+        """Append the rows of `other` (a freshly prefilled cache) to this batch, with their sources (seq2seq)."""
         if self.length > self.capacity or other.length > other.capacity:
             raise ValueError("add_rows needs caches that have not wrapped")
         if self.memory_mask is not None or other.memory_mask is not None:
