@@ -236,11 +236,14 @@ def test_errors_reach_the_client_as_its_exception_types(client):
 
 def test_full_queue_is_429_and_the_server_recovers(lm):
     busy_lm = char_lm(context_length=256)
-    slowed(busy_lm.model, 0.02)  # each request below would run for > 4 s
+    # greedy: sampled, this random model draws <eos> within a few steps and a request can end before it is seen
+    assert busy_lm.generate("Speak", max_new_tokens=240, temperature=0, details=True).finish_reason == "length"
+    slowed(busy_lm.model, 0.02)  # each request below runs for > 4 s
     with RunningServer(create_app(busy_lm, name="busy", limits=Limits(max_batch=1, max_queue=1))) as s:
         client = openai.OpenAI(base_url=s.url + "/v1", api_key="x", max_retries=0)
         streams = [httpx.stream("POST", s.url + "/v1/completions", timeout=60,
-                                json={"prompt": "Speak", "max_tokens": 240, "stream": True}) for _ in range(2)]
+                                json={"prompt": "Speak", "max_tokens": 240, "temperature": 0, "stream": True})
+                   for _ in range(2)]
         deadline = time.monotonic() + 30
         # one at a time, each once the engine shows the one before it: two sent together could both find the
         # first still waiting (max_queue=1) on a busy machine, and the second would get the 429 meant below
