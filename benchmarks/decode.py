@@ -5,7 +5,9 @@
     python benchmarks/decode.py --quick       # fewer tokens, for a smoke run
     python benchmarks/decode.py --scenarios   # tinyformer vs transformers: sampling, beams, uncached contexts
 
-Greedy, a 32-token prompt, 128 new tokens (every engine is made to ignore <eos>), all threads of the machine.
+Greedy, a 32-token prompt, 128 new tokens (every engine is made to ignore <eos>), all threads of the machine. Each
+engine runs in a process of its own, one after another (benchmarks/isolated.py says why); each cell is the best of
+--repeats runs after a warm-up.
 The peers are bench extras (`pip install -e '.[bench]'`; llama-cpp-python compiles llama.cpp, ~10 minutes):
 - llama.cpp through llama-cpp-python, on our weights written by tinyformer's GGUF export at f32, f16 and q8_0
   (batch 1: its Python API decodes one sequence);
@@ -28,6 +30,7 @@ import time
 from pathlib import Path
 
 import torch
+from isolated import report as report_worker, run_worker
 
 VOCAB = 50257
 
@@ -140,6 +143,52 @@ def missing(name: str, install: str, log) -> None:
 
 # ------------------------------------------------------------------------------------------------------- main
 
+PRECISIONS = {"float32": {}, "bfloat16": {"dtype": "bfloat16"}, "int8": {"quantize": "int8"}}
+
+
+def prompts(seed: int):
+    generator = torch.Generator().manual_seed(seed)
+    prompt = torch.randint(0, VOCAB, (32,), generator=generator).tolist()
+    return prompt, torch.randint(0, VOCAB, (8, 32), generator=generator).tolist()
+
+
+def make_engine(name: str, work: Path, threads: int):
+    """-> (run, batch sizes) for one engine on the files peers_table wrote in `work`."""
+    kind, precision = name.rsplit(" ", 1)
+    if kind == "tinyformer":
+        import tinyformer
+
+        return ours(tinyformer.load(work / "hf", device="cpu", **PRECISIONS[precision])), (1, 8)
+    if kind == "transformers":
+        from transformers import GPT2LMHeadModel
+
+        hf = GPT2LMHeadModel.from_pretrained(work / "hf").eval()
+        hf.generation_config.eos_token_id = None
+        hf.generation_config.pad_token_id = 0
+        return transformers_engine(hf), (1, 8)
+    if kind == "llama.cpp":
+        return llama_cpp_engine(work / f"gpt2-{precision}.gguf", threads), (1,)
+    vocab = json.loads((work / "hf" / "vocab.json").read_text())
+    return ctranslate2_engine(work / "ct2", precision, threads, vocab), (1, 8)
+
+
+def worker(args) -> list:
+    """One engine in a process of its own (benchmarks/isolated.py): a warm-up, then each batch size, best of
+    --repeats runs."""
+    run, batches = make_engine(args.worker, Path(args.work), torch.get_num_threads())
+    prompt, batch8 = prompts(args.seed)
+    run([prompt], 4)  # warm up: first calls allocate and pick kernels
+    rows = []
+    for batch in batches:
+        best, out = float("inf"), None
+        for _ in range(args.repeats):
+            seconds, out = run([prompt] if batch == 1 else batch8, args.new)
+            best = min(best, seconds)
+        rows.append({"engine": args.worker, "batch": batch, "tokens": sum(len(t) for t in out),
+                     "tok_s": sum(len(t) for t in out) / best, "first": out[0]})
+    return rows
+
+
 def peers_table(args, log) -> dict:
     import tinyformer
     from tinyformer.interop.gguf import export_gguf
@@ -149,51 +198,36 @@ def peers_table(args, log) -> dict:
     new = 128 // (4 if args.quick else 1)
     work = Path(tempfile.mkdtemp(prefix="tinyformer-bench-"))
     log(f"torch {torch.__version__}, {threads} threads; building GPT-2 124M (random weights) in {work} ...")
-    hf, vocab = build_hf_directory(args.seed, work / "hf")
-    generator = torch.Generator().manual_seed(args.seed)
-    prompt = torch.randint(0, VOCAB, (32,), generator=generator).tolist()
-    batch8 = torch.randint(0, VOCAB, (8, 32), generator=generator).tolist()
-
-    engines = {}  # name -> (run, batch sizes)
-    models = {}
-    for precision, options in (("float32", {}), ("bfloat16", {"dtype": "bfloat16"}), ("int8", {"quantize": "int8"})):
-        models[precision] = tinyformer.load(work / "hf", device="cpu", **options)
-        engines[f"tinyformer {precision}"] = (ours(models[precision]), (1, 8))
-    engines["transformers float32"] = (transformers_engine(hf), (1, 8))
+    build_hf_directory(args.seed, work / "hf")
+    names = [f"tinyformer {p}" for p in PRECISIONS] + ["transformers float32"]
+    float_model = tinyformer.load(work / "hf", device="cpu")
+    weights = {p: weight_bytes(tinyformer.load(work / "hf", device="cpu", **o).model) for p, o in PRECISIONS.items()}
     try:
         import llama_cpp  # noqa: F401
 
         for q in ("f32", "f16", "q8_0"):
-            path = work / f"gpt2-{q}.gguf"
-            export_gguf(models["float32"].model, models["float32"].tokenizer, path, quantize=q)
-            engines[f"llama.cpp {q}"] = (llama_cpp_engine(path, threads), (1,))
+            export_gguf(float_model.model, float_model.tokenizer, work / f"gpt2-{q}.gguf", quantize=q)
+            names.append(f"llama.cpp {q}")
     except ImportError:
         missing("llama.cpp", "pip install llama-cpp-python  (or: pip install -e '.[bench]')", log)
     try:
         import ctranslate2
 
-        converted = work / "ct2"
-        ctranslate2.converters.TransformersConverter(str(work / "hf")).convert(str(converted), force=True)
-        for compute_type in ("float32", "int8"):
-            engines[f"CTranslate2 {compute_type}"] = (ctranslate2_engine(converted, compute_type, threads, vocab),
-                                                      (1, 8))
+        ctranslate2.converters.TransformersConverter(str(work / "hf")).convert(str(work / "ct2"), force=True)
+        names += ["CTranslate2 float32", "CTranslate2 int8"]
     except ImportError:
         missing("CTranslate2", "pip install ctranslate2  (or: pip install -e '.[bench]')", log)
+    del float_model
 
     rows, tokens = [], {}
-    log(f"measuring (greedy, 32-token prompt, {new} new tokens) ...")
-    for name, (run, batches) in engines.items():
-        run([prompt], 4)  # warm up: first calls allocate and pick kernels
-        for batch in (1, 8):
-            if batch not in batches:
-                continue
-            seconds, out = run([prompt] if batch == 1 else batch8, new)
-            produced = sum(len(t) for t in out)
-            if batch == 1:
-                tokens[name] = out[0]
-            row = {"engine": name, "batch": batch, "tokens": produced, "tok_s": produced / seconds}
-            rows.append(row)
-            log(f"  {name:<24} batch {batch}: {row['tok_s']:8.2f} tok/s")
+    log(f"measuring (greedy, 32-token prompt, {new} new tokens; each engine in a process of its own) ...")
+    for name in names:
+        for row in run_worker(__file__, [name, "--work", str(work), "--new", str(new), "--seed", str(args.seed),
+                                         "--repeats", str(args.repeats)])["rows"]:
+            if row["batch"] == 1:
+                tokens[name] = row["first"]
+            rows.append({k: v for k, v in row.items() if k != "first"})
+            log(f"  {name:<24} batch {row['batch']}: {row['tok_s']:8.2f} tok/s")
 
     def best(prefix, batch):
         rates = [r["tok_s"] for r in rows if r["engine"].startswith(prefix) and r["batch"] == batch]
@@ -217,7 +251,7 @@ def peers_table(args, log) -> dict:
     bandwidth = copy_bandwidth()
     summary = {"torch": torch.__version__, "threads": threads, "new_tokens": new,
                "copy_bandwidth_gb_s": bandwidth / 1e9,
-               "weight_bytes": {p: weight_bytes(m.model) for p, m in models.items()},
+               "weight_bytes": weights,
                "float32_tokens_equal_llama_cpp_f32": (tokens.get("tinyformer float32") == tokens["llama.cpp f32"]
                                                       if "llama.cpp f32" in tokens else None),
                "float32_tokens_equal_transformers": tokens["tinyformer float32"] == tokens["transformers float32"]}
@@ -258,7 +292,14 @@ def main(argv=None) -> int:
     parser.add_argument("--scenarios", action="store_true",
                         help="tinyformer vs transformers: sampling, beam search, uncached contexts")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--repeats", type=int, default=2, help="timed runs per cell (best is kept)")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)  # internal: time one engine (benchmarks/isolated.py)
+    parser.add_argument("--work", help=argparse.SUPPRESS)
+    parser.add_argument("--new", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.worker:
+        report_worker({"rows": worker(args)})
+        return 0
     log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
     if args.scenarios:
         from decode_scenarios import main as scenarios  # the older tinyformer-vs-transformers table
