@@ -14,8 +14,9 @@ saved once as a Hugging Face directory and loaded by tinyformer (`tinyformer.loa
 float32 on the CPU with the same thread count and write exactly 16 target tokens per source: the output bias of
 <eos> is -1e4, so <eos> never wins in any engine and every engine does the same work; <pad> is banned as opus-mt
 configs ban it (CTranslate2 drops it from the vocabulary). Sources are 6-12 random tokens + </s>; rows are greedy and
-beam 4, a batch of 32 sources and one source at a time. `agree` is the share of sources whose tokens equal
-tinyformer's.
+beam 4, a batch of 32 sources and one source at a time. Each engine runs in a process of its own, one after another
+(benchmarks/isolated.py says why); each cell is the best of --repeats runs after a warm-up. `agree` is the share of
+sources whose tokens equal tinyformer's.
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ import time
 from pathlib import Path
 
 import torch
+from isolated import report as report_worker, run_worker
 
 VOCAB, PAD, EOS, UNK = 8000, 7999, 0, 1
 NEW_TOKENS = 16
@@ -121,52 +123,73 @@ def _id(token: str) -> int:
     return {"</s>": EOS, "<unk>": UNK, "<pad>": PAD}.get(token) or int(token[1:])
 
 
-def timed(engines, sources, beams, batch, repeats) -> dict:
-    """name -> (sentences per second, best of `repeats`; the outputs), sources fed `batch` at a time. The engines
-    take turns within each repeat, so a change in the machine's load hits them alike."""
-    best, outputs = {e.name: float("inf") for e in engines}, {}
-    for _ in range(repeats):
-        for engine in engines:
+ROWS = (("batch 32", 32, 1), ("batch 32", 32, 4), ("batch 1", 1, 1), ("batch 1", 1, 4))  # label, batch, beams
+
+
+def make_engine(name: str, directory: Path):
+    if name == "tinyformer":
+        return Ours(directory)
+    if name == "transformers":
+        return Transformers(directory)
+    return CTranslate2(directory, name.split()[-1])
+
+
+def worker(args) -> dict:
+    """One engine, in a process of its own (benchmarks/isolated.py): every row, best of `repeats` timed runs after a
+    warm-up; the outputs come back for the agreement check."""
+    torch.set_num_threads(args.threads)
+    engine = make_engine(args.worker, Path(args.model_dir))
+    sources = make_sources(32, args.seed)
+    result = {}
+    for label, batch, beams in ROWS:
+        todo = sources if batch > 1 else sources[:args.singles]
+        engine.run(todo[:batch], beams)  # warm up: first calls allocate and pick kernels
+        best = float("inf")
+        for _ in range(args.repeats):
             start = time.perf_counter()
-            outputs[engine.name] = [out for i in range(0, len(sources), batch)
-                                    for out in engine.run(sources[i:i + batch], beams)]
-            best[engine.name] = min(best[engine.name], time.perf_counter() - start)
-    return {name: (len(sources) / best[name], outputs[name]) for name in best}
+            outputs = [out for i in range(0, len(todo), batch) for out in engine.run(todo[i:i + batch], beams)]
+            best = min(best, time.perf_counter() - start)
+        result[f"{label} {beams}"] = {"sentences_per_s": len(todo) / best, "outputs": outputs}
+    return result
 
 
 def speed(args) -> dict:
     """The speed table: sentences/s for every engine and row, and our ratios against the peers."""
-    torch.set_num_threads(args.threads)
     if args.model_dir:  # reuse a directory an earlier run built (and converted)
         directory = Path(args.model_dir)
     else:
         directory = Path(tempfile.mkdtemp(prefix="tinyformer-translate-"))
         build_marian(directory, args.seed)
         print(f"model directory: {directory} (reuse it with --model-dir)", flush=True)
-    engines = [Ours(directory), Transformers(directory)]
+    names = ["tinyformer", "transformers"]
     try:
-        import ctranslate2  # noqa: F401
+        import ctranslate2
 
-        engines += [CTranslate2(directory, "float32"), CTranslate2(directory, "int8")]
+        for compute_type in ("float32", "int8"):
+            out = directory / f"ct2-{compute_type}"
+            if not out.exists():
+                ctranslate2.converters.TransformersConverter(str(directory)).convert(str(out),
+                                                                                    quantization=compute_type)
+            names.append(f"ctranslate2 {compute_type}")
     except ImportError:
         print("ctranslate2 is not installed (pip install ctranslate2): its rows are skipped", file=sys.stderr)
-    batch_sources = make_sources(32, args.seed)
-    single_sources = batch_sources[:args.singles]
-    rows = [("batch 32", batch_sources, 32), ("batch 1", single_sources, 1)]
+    measured = {}
+    for name in names:  # one process per engine, one after another
+        measured[name] = run_worker(__file__, [name, "--model-dir", str(directory), "--threads", str(args.threads),
+                                               "--repeats", str(args.repeats), "--singles", str(args.singles),
+                                               "--seed", str(args.seed)])
     results = []
-    for label, sources, batch in rows:
-        for beams in (1, 4):
-            row = {"row": label, "beams": beams}
-            for engine in engines:
-                engine.run(sources[:batch], beams)  # warm up
-            measured = timed(engines, sources, beams, batch, args.repeats)
-            reference = measured["tinyformer"][1]
-            for name, (rate, outputs) in measured.items():
-                assert all(len(o) == NEW_TOKENS for o in outputs), f"{name} did not write {NEW_TOKENS} tokens"
-                agree = sum(a == b for a, b in zip(outputs, reference)) / len(sources)
-                row[name] = {"sentences_per_s": rate, "agree": agree}
-            results.append(row)
-            _print_row(row, [e.name for e in engines])
+    for label, batch, beams in ROWS:
+        key = f"{label} {beams}"
+        reference = measured["tinyformer"][key]["outputs"]
+        row = {"row": label, "beams": beams}
+        for name in names:
+            outputs = measured[name][key]["outputs"]
+            assert all(len(o) == NEW_TOKENS for o in outputs), f"{name} did not write {NEW_TOKENS} tokens"
+            agree = sum(a == b for a, b in zip(outputs, reference)) / len(reference)
+            row[name] = {"sentences_per_s": measured[name][key]["sentences_per_s"], "agree": agree}
+        results.append(row)
+        _print_row(row, names)
     return {"threads": args.threads, "new_tokens": NEW_TOKENS, "rows": results}
 
 
@@ -198,7 +221,11 @@ def main(argv=None) -> int:
     parser.add_argument("--singles", type=int, default=8, help="sources decoded one at a time in the batch-1 rows")
     parser.add_argument("--budgets", default="300,600", help="quality: training seconds per run, comma-separated")
     parser.add_argument("--pairs", default="fra-eng,eng-cmn", help="quality: fra-eng, eng-cmn or both")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)  # internal: time one engine (benchmarks/isolated.py)
     args = parser.parse_args(argv)
+    if args.worker:
+        report_worker(worker(args))
+        return 0
     report = {}
     if args.only in (None, "speed"):
         print(f"speed: random opus-mt-shaped Marian (6+6 x 512, vocabulary {VOCAB}), float32, {args.threads} "

@@ -8,9 +8,10 @@ from tinyformer.generation import GenerationError
 from tinyformer.generation.batcher import Batcher, Options, QueueFull
 from tinyformer.generation.cache import KVCache
 
-from .helpers import char_lm
+from .helpers import char_lm, seq2seq_lm
 
 PROMPTS = ["First Citizen:", "Speak", "All:\nSpeak, speak.", "naïve café", "B", "hear me speak.\n\nAll"]
+SOURCES = ["je suis content .", "il", "nous sommes là ! il est grand .", "农夫山泉", "je", "il est content ."]
 
 
 class Collector:
@@ -201,3 +202,79 @@ def test_cache_add_rows_and_compact_keep_each_rows_keys():
     a.reserve(10, limit=32)
     assert a.capacity >= 13 and a.length == 3
     torch.testing.assert_close(a.k[:, 1, :, :3], b_keys[:, 0, :, 2:5], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("positional", ["sinusoidal", "rope"])
+def test_seq2seq_requests_join_with_their_sources_and_equal_generate_alone(positional, one_thread):
+    lm = seq2seq_lm(seed=1, positional=positional)
+    engine = Batcher(lm.model, lm.tokenizer, source_tokenizer=lm.source_tokenizer, max_batch=4)
+    budgets = [20, 9, 25, 14, 30, 12]
+    runs = []
+    # sources of 2 to 32 tokens join a batch whose sources are shorter and longer (the cross-attention keys are
+    # padded to the longest, masked per row), rows leave at different steps (the longest source leaving trims
+    # the padding), and the full batch makes the last two wait
+    for i, (source, budget) in enumerate(zip(SOURCES, budgets)):
+        runs.append(submit(engine, lm, engine.encode(source), max_tokens=budget, temperature=0, logprobs=2))
+        for _ in range(2 + i):
+            engine.step()
+    drain(engine)
+    outputs = []
+    for source, budget, run in zip(SOURCES, budgets, runs):
+        alone = lm.generate(source, max_new_tokens=budget, temperature=0, logprobs=2)
+        assert run.tokens == alone.token_ids and run.text == alone.text  # another row's source changes these
+        got = torch.tensor([o.logprob for o in run.outputs])
+        # float rounding of batched products is ~1e-6; attending to another source or to padding is off by > 1e-2
+        torch.testing.assert_close(got, torch.tensor(alone.logprobs), rtol=0, atol=1e-4)
+        outputs.append(tuple(alone.token_ids))
+    assert len(set(outputs)) >= 5  # the sources lead to different outputs: a row fed the wrong source shows
+    # usage counts the source tokens (with the <eos> that ends each text source), not the decoder's start token
+    assert engine.prompt_tokens == sum(len(lm.source_tokenizer.encode(s)) + 1 for s in SOURCES)
+    assert engine.generated_tokens == sum(budgets)
+
+
+def test_seq2seq_limits():
+    lm = seq2seq_lm()  # context 32: 32 source positions, 32 target tokens
+    engine = Batcher(lm.model, lm.tokenizer)
+    engine.make([5] * 32, Options(max_tokens=32), print)  # both at the limit: accepted
+    with pytest.raises(GenerationError, match="source is 33 tokens"):
+        engine.make([5] * 33, Options(), print)
+    with pytest.raises(GenerationError, match="at most 32 target tokens; max_tokens is 33"):
+        engine.make([4, 5], Options(max_tokens=33), print)
+    with pytest.raises(GenerationError, match="does not score"):
+        engine.make([4, 5], Options(max_tokens=0, prompt_logprobs=True), print)
+
+
+def test_cache_add_rows_carries_sources_and_select_trims_them():
+    torch.manual_seed(0)
+    lm = seq2seq_lm()
+    config = lm.model.config
+
+    def cache_with_sources(lengths):
+        """A one-row-per-source cache after its prefill: cross keys/values [sources, kv_heads, S, head_dim]."""
+        cache = KVCache(config, len(lengths), 4)
+        cache.length = 1
+        width = max(lengths)
+        cache.cross = [(torch.randn(len(lengths), config.kv_heads, width, config.hidden_head_dim),
+                        torch.randn(len(lengths), config.kv_heads, width, config.hidden_head_dim))
+                       for _ in range(config.n_layers)]
+        valid = torch.arange(width) < torch.tensor(lengths)[:, None]
+        cache.memory_mask = (None if bool(valid.all()) else valid[:, None, None, :], False)
+        return cache
+
+    a, b = cache_with_sources([3]), cache_with_sources([6, 2])
+    a_cross, b_cross = ([tuple(t.clone() for t in kv) for kv in cache.cross] for cache in (a, b))
+    a.add_rows(b)
+    assert a.batch_size == a.cross_sources == 3 and a.source_length == 6
+    assert a.memory_mask[0][:, 0, 0].tolist() == [[True] * 3 + [False] * 3, [True] * 6, [True] * 2 + [False] * 4]
+    for layer in range(config.n_layers):
+        for t in range(2):
+            torch.testing.assert_close(a.cross[layer][t][0, :, :3], a_cross[layer][t][0], rtol=0, atol=0)
+            assert not a.cross[layer][t][0, :, 3:].any()  # padding slots hold zeros (masked anyway)
+            torch.testing.assert_close(a.cross[layer][t][1:], b_cross[layer][t], rtol=0, atol=0)
+    a.select(torch.tensor([0, 2]))  # the 6-token source leaves: its padding goes with it
+    assert a.source_length == 3 and a.memory_mask[0][:, 0, 0].tolist() == [[True] * 3, [True] * 2 + [False]]
+    torch.testing.assert_close(a.cross[1][0][1, :, :2], b_cross[1][0][1, :, :2], rtol=0, atol=0)
+    a.select(torch.tensor([0]))  # one source, unpadded: no mask needed any more
+    assert a.memory_mask == (None, False) and a.source_length == 3
+    with pytest.raises(ValueError, match="one per source"):
+        a.add_rows(KVCache(config, 1, 4))  # rows without their encoded source cannot join a seq2seq batch

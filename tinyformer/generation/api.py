@@ -52,13 +52,26 @@ def _normalise(prompts, tokenizer, add_eos: bool = False) -> tuple[list[list[int
         for i, p in enumerate(prompts):
             if not p:
                 raise GenerationError(f"prompt {i} is empty; give at least one character")
-        ids = [tokenizer.encode(p) + ([tokenizer.eos_id] if add_eos else []) for p in prompts]
+        ids = [encode_prompt(tokenizer, p, add_eos) for p in prompts]
     else:
         ids = [list(p) for p in prompts]
     for i, p in enumerate(ids):
         if not p:
             raise GenerationError(f"prompt {i} is empty; give at least one token")
     return ids, single, as_text
+
+
+def encode_prompt(tokenizer, text: str, source: bool = False) -> list[int]:
+    """The token ids a text prompt becomes; a seq2seq source (source=True) ends with <eos>, as in training."""
+    return tokenizer.encode(text) + ([tokenizer.eos_id] if source and tokenizer.eos_id is not None else [])
+
+
+def decoder_start(model, tokenizer) -> int:
+    """The token a seq2seq decoder starts from: the config's, else the target tokenizer's <bos>, else 0."""
+    start = model.config.decoder_start_id
+    if start is None:
+        start = tokenizer.bos_id if tokenizer is not None and tokenizer.bos_id is not None else 0
+    return start
 
 
 def check_token_ids(prompts: list[list[int]], vocab_size: int, tokenizer=None) -> None:
@@ -104,9 +117,7 @@ def generate(model, tokenizer, prompts, *, max_new_tokens: int = 64, temperature
             longest = max(range(len(ids)), key=lambda i: len(ids[i]))
             raise GenerationError(f"source {longest} is {len(ids[longest])} tokens with its <eos>, longer than this "
                                   f"model's {model.config.context_length} source positions; shorten it")
-        start = model.config.decoder_start_id
-        if start is None:
-            start = tokenizer.bos_id if tokenizer is not None else 0
+        start = decoder_start(model, tokenizer)
         source_pad = source_tokenizer.pad_id if source_tokenizer is not None else 0
         sources = pad_sources(ids, source_pad, next(model.parameters()).device)
         ids = [[start] for _ in ids]  # what the decoder has written so far

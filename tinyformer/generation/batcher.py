@@ -12,6 +12,11 @@ which does not move an argmax unless two logits tie to ~1e-6).
 The engine is `Batcher`: `submit()` from any thread, `step()` runs one iteration (tests drive it by hand),
 `start()` runs steps on a background thread whenever there is work. Each generated token is handed to the
 request's `on_output` callback as an `Output`.
+
+Seq2seq models are served the same way: a request's prompt is the source. Its encoder runs once, in the prefill of
+the requests joining with it; its decoder row starts from the decoder's start token, and the cache rows carry each
+source's cross-attention keys, values and mask in and out of the batch with the decoder rows (`KVCache.add_rows`,
+`KVCache.select`).
 """
 from __future__ import annotations
 
@@ -23,9 +28,9 @@ from typing import Callable
 
 import torch
 
-from .api import check_token_ids
+from .api import check_token_ids, decoder_start, encode_prompt
 from .cache import KVCache
-from .decode import left_pad, sample
+from .decode import left_pad, pad_sources, sample
 from .processors import GenerationError, History, PresenceFrequencyPenalty, build_processors
 from .text import TextTracker
 
@@ -51,6 +56,10 @@ class Options:
     seed: int | None = None
     logprobs: int | None = None  # None: no logprobs; N: the chosen token's and its N best alternatives
     prompt_logprobs: bool = False  # also score the prompt tokens (OpenAI's echo with logprobs)
+    # what a model's own config asks of every generation (LanguageModel.generation_defaults: a Marian model bans
+    # <pad> and forces a final <eos>, as transformers does)
+    suppress_token_ids: list[int] = field(default_factory=list)
+    forced_eos_token_id: int | None = None
 
 
 @dataclass
@@ -67,15 +76,18 @@ class Output:
 
 
 class Sequence:
-    """One request being generated: its prompt, processors, generator, text tracker and results so far."""
+    """One request being generated: its prompt, processors, generator, text tracker and results so far.
+    For a seq2seq model `source` is the request's prompt (the encoder's input) and `prompt` the decoder's start."""
 
     def __init__(self, prompt: list[int], options: Options, tokenizer, eos_ids: set[int], device,
-                 on_output: Callable[[Output], None]):
+                 on_output: Callable[[Output], None], source: list[int] | None = None):
         self.prompt, self.options, self.on_output = list(prompt), options, on_output
+        self.source = None if source is None else list(source)
         self.penalties, self.samplers, self.greedy = build_processors(
             temperature=options.temperature, top_k=options.top_k, top_p=options.top_p, min_p=options.min_p,
             repetition_penalty=options.repetition_penalty, presence_penalty=options.presence_penalty,
-            frequency_penalty=options.frequency_penalty)
+            frequency_penalty=options.frequency_penalty, suppress_token_ids=options.suppress_token_ids,
+            forced_eos_token_id=options.forced_eos_token_id, max_new_tokens=options.max_tokens)
         self.generator = torch.Generator(device=device)
         if options.seed is None:
             self.generator.seed()
@@ -93,6 +105,11 @@ class Sequence:
         self.submitted = time.monotonic()
         self.first_token_at: float | None = None
 
+    @property
+    def prompt_tokens(self) -> int:
+        """The tokens the request gave (its source, for a seq2seq model): what usage counts as the prompt."""
+        return len(self.source if self.source is not None else self.prompt)
+
     def cancel(self) -> None:
         """Stop generating at the next step (safe from any thread)."""
         self.cancelled = True
@@ -101,7 +118,7 @@ class Sequence:
         """The next token from this row's logits [1, V] (penalties, then greedy or this request's sampler)."""
         if not self.penalties and self.greedy:
             return greedy_choice
-        history = History([self.tokens], self.counts)
+        history = History([self.tokens], self.counts, generated=self.steps)
         logits = logits.clone()
         for penalty in self.penalties:
             logits = penalty(logits, history)
@@ -149,18 +166,24 @@ class Sequence:
 
 
 class Batcher:
-    """The continuous-batching engine for one decoder-only model (see the module docstring).
+    """The continuous-batching engine for one model, decoder-only or seq2seq (see the module docstring).
 
     max_batch: rows decoded together at most; max_queue: requests waiting to join at most (then QueueFull).
     Counters (read them from any thread): steps, prompt_tokens, generated_tokens, cancelled, finished.
     on_step(batch_size, seconds) is called after every decode step (for metrics).
     """
 
-    def __init__(self, model, tokenizer, *, max_batch: int = 16, max_queue: int = 64,
+    def __init__(self, model, tokenizer, *, source_tokenizer=None, max_batch: int = 16, max_queue: int = 64,
                  on_step: Callable[[int, float], None] | None = None):
+        """source_tokenizer: a seq2seq model's reader of prompts (default: tokenizer)."""
         if getattr(model, "absolute_positions", None) is None:
-            raise GenerationError(f"{type(model).__name__} is not a decoder-only model the batcher can serve")
+            raise GenerationError(f"{type(model).__name__} is not a tinyformer model the batcher can serve")
         self.model, self.tokenizer = model, tokenizer
+        self.seq2seq = model.config.architecture == "seq2seq"
+        self.source_tokenizer = (source_tokenizer or tokenizer) if self.seq2seq else tokenizer
+        self.start_id = decoder_start(model, tokenizer) if self.seq2seq else None
+        reader = self.source_tokenizer
+        self.source_pad_id = reader.pad_id if reader is not None and reader.pad_id is not None else 0
         self.max_batch, self.max_queue, self.on_step = max_batch, max_queue, on_step
         self.context = model.config.context_length
         param = next(model.parameters())
@@ -177,24 +200,45 @@ class Batcher:
         self._stopping = False
 
     # ---------------------------------------------------------------- requests
+    def encode(self, text: str) -> list[int]:
+        """The token ids a text prompt becomes (a seq2seq source, read by the source tokenizer, ends with <eos>)."""
+        if self.source_tokenizer is None:
+            raise GenerationError("this model has no tokenizer: send the prompt as token ids")
+        return encode_prompt(self.source_tokenizer, text, source=self.seq2seq)
+
     def make(self, prompt: list[int], options: Options, on_output: Callable[[Output], None]) -> Sequence:
-        """Validate one request (GenerationError names the bad value) and build its Sequence."""
+        """Validate one request (GenerationError names the bad value) and build its Sequence. For a seq2seq model
+        the prompt is the source."""
         if not prompt:
             raise GenerationError("the prompt is empty; give at least one token")
-        check_token_ids([prompt], self.model.config.vocab_size, self.tokenizer)
         if not isinstance(options.max_tokens, int) or options.max_tokens < 0:
             raise GenerationError(f"max_tokens must be a non-negative integer, got {options.max_tokens}")
-        if len(prompt) + options.max_tokens > self.context:
-            raise GenerationError(
-                f"this model's context is {self.context} tokens; the prompt has {len(prompt)} and max_tokens is "
-                f"{options.max_tokens} ({len(prompt) + options.max_tokens} in all): shorten the prompt or lower "
-                "max_tokens")
+        source = None
+        if self.seq2seq:
+            source, prompt = prompt, [self.start_id]
+            check_token_ids([source], self.model.config.source_vocab_size, self.source_tokenizer)
+            if self.model.absolute_positions and len(source) > self.context:
+                raise GenerationError(f"the source is {len(source)} tokens, longer than this model's {self.context} "
+                                      "source positions; shorten it")
+            if options.max_tokens > self.context:  # the decoder's positions: start token + max_tokens - 1 fed
+                raise GenerationError(f"this model writes at most {self.context} target tokens; max_tokens is "
+                                      f"{options.max_tokens}")
+            if options.prompt_logprobs:
+                raise GenerationError("a seq2seq model's prompt is its source, which it does not score: "
+                                      "prompt logprobs (echo with logprobs) need a decoder-only model")
+        else:
+            check_token_ids([prompt], self.model.config.vocab_size, self.tokenizer)
+            if len(prompt) + options.max_tokens > self.context:
+                raise GenerationError(
+                    f"this model's context is {self.context} tokens; the prompt has {len(prompt)} and max_tokens is "
+                    f"{options.max_tokens} ({len(prompt) + options.max_tokens} in all): shorten the prompt or lower "
+                    "max_tokens")
         if options.logprobs is not None and (not isinstance(options.logprobs, int) or options.logprobs < 0):
             raise GenerationError(f"logprobs must be a non-negative integer, got {options.logprobs}")
         if options.stop and self.tokenizer is None:
             raise GenerationError("stop strings need a tokenizer; this model has none (use stop_token_ids)")
         check_token_ids([list(options.stop_token_ids)], self.model.config.vocab_size, self.tokenizer)
-        sequence = Sequence(prompt, options, self.tokenizer, self.eos_ids, self.device, on_output)
+        sequence = Sequence(prompt, options, self.tokenizer, self.eos_ids, self.device, on_output, source)
         if any(isinstance(p, PresenceFrequencyPenalty) for p in sequence.penalties):
             sequence.counts = torch.zeros(1, self.model.config.vocab_size, device=self.device)
         return sequence
@@ -260,18 +304,23 @@ class Batcher:
         return True
 
     def _prefill(self, joining: list[Sequence]) -> None:
-        """Run the new prompts together (left-padded) and join their cache rows and logits to the batch."""
+        """Run the new prompts together (left-padded; seq2seq: their sources encoded together, right-padded) and
+        join their cache rows and logits to the batch."""
         prompts = [s.prompt for s in joining]
         ids, mask = left_pad(prompts, self.pad_id, self.device)
         width = ids.shape[1]
         cache = KVCache(self.model.config, len(prompts), width, self.dtype, self.device)
         scored = any(s.options.prompt_logprobs for s in joining)
-        logits = self.model(ids, attention_mask=mask, cache=cache, last_only=not scored)
+        sources = {}
+        if self.seq2seq:
+            source_ids, source_mask = pad_sources([s.source for s in joining], self.source_pad_id, self.device)
+            sources = {"source_ids": source_ids, "source_mask": source_mask}
+        logits = self.model(ids, attention_mask=mask, cache=cache, last_only=not scored, **sources)
         if scored:
             for row, s in enumerate(joining):
                 if s.options.prompt_logprobs:
                     s.prompt_logprobs = self._score_prompt(logits[row, width - len(s.prompt):], s)
-        self.prompt_tokens += sum(len(p) for p in prompts)
+        self.prompt_tokens += sum(s.prompt_tokens for s in joining)
         last = logits[:, -1]
         if self.rows:
             self.cache.add_rows(cache)

@@ -130,6 +130,30 @@ class KVCache:
             self.memory = self.memory.index_select(0, sources)
         mask, causal = self.memory_mask
         self.memory_mask = (None if mask is None else mask.index_select(0, sources), causal)
+        if mask is not None and self.memory is None:
+            self._trim_sources()
+
+    @property
+    def source_length(self) -> int:
+        """Key slots of the cross-attention (the longest source held, padding included)."""
+        return self.memory.shape[1] if self.memory is not None else self.cross[0][0].shape[2]
+
+    def _source_valid(self, width: int) -> torch.Tensor:
+        """[sources, width] True on each source's real tokens (slots past source_length are padding)."""
+        mask = self.memory_mask[0]
+        valid = torch.zeros(self.cross_sources, width, dtype=torch.bool, device=self.k.device)
+        valid[:, :self.source_length] = True if mask is None else mask[:, 0, 0, :]
+        return valid
+
+    def _trim_sources(self) -> None:
+        """Drop trailing cross-attention key slots that are padding for every source (its long source left)."""
+        valid = self._source_valid(self.source_length)
+        used = valid.any(0)
+        width = int(used.nonzero().max()) + 1 if bool(used.any()) else self.source_length
+        if width < self.source_length:
+            self.cross = [(k[:, :, :width], v[:, :, :width]) for k, v in self.cross]
+        valid = valid[:, :width]
+        self.memory_mask = (None if bool(valid.all()) else valid[:, None, None, :], self.memory_mask[1])
 
     def select(self, rows: torch.Tensor, group: int | None = None) -> None:
         """Keep (and reorder) batch rows: beam search reorders beams, finished rows are dropped. `group` is the new
@@ -161,9 +185,11 @@ class KVCache:
     # have not wrapped (the batcher keeps every row inside the context window).
 
     def add_rows(self, other: "KVCache") -> None:
-        """Append the rows of `other` (a freshly prefilled cache) to this batch."""
+        """Append the rows of `other` (a freshly prefilled cache) to this batch, with their sources (seq2seq)."""
         if self.length > self.capacity or other.length > other.capacity:
             raise ValueError("add_rows needs caches that have not wrapped")
+        if self.memory_mask is not None or other.memory_mask is not None:
+            self._add_sources(other)
         shift = max(0, other.length - self.length)  # other holds more tokens: move this batch right to match
         length = self.length + shift
         if shift or length > self.capacity:
@@ -181,6 +207,23 @@ class KVCache:
         self.key_valid = torch.cat((self.key_valid, valid))
         self.next_position = torch.cat((self.next_position, other.next_position))
         self._refresh_padded()
+
+    def _add_sources(self, other: "KVCache") -> None:
+        """seq2seq: append the joining rows' encoded sources (each decoder layer's cross-attention keys and values)
+        to this batch's; the shorter sources are padded with key slots their mask hides."""
+        for cache in (self, other):
+            if cache.memory_mask is None or cache.memory is not None or cache.group != 1:
+                raise ValueError("add_rows joins seq2seq rows one per source, once every decoder layer has "
+                                 "projected its source (after the prefill)")
+        width = max(self.source_length, other.source_length)
+
+        def padded(kv: torch.Tensor) -> torch.Tensor:  # [sources, kv_heads, S, head_dim] -> S = width, zeros
+            return torch.nn.functional.pad(kv, (0, 0, 0, width - kv.shape[2]))
+
+        valid = torch.cat((self._source_valid(width), other._source_valid(width)))
+        self.cross = [(torch.cat((padded(k), padded(k2))), torch.cat((padded(v), padded(v2))))
+                      for (k, v), (k2, v2) in zip(self.cross, other.cross)]
+        self.memory_mask = (None if bool(valid.all()) else valid[:, None, None, :], False)
 
     def reserve(self, tokens: int, limit: int) -> None:
         """Make room for `tokens` more writes: drop leading slots no row uses, else grow (to at most `limit`)."""

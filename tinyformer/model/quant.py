@@ -120,10 +120,23 @@ _FBGEMM = "fbgemm" in torch.backends.quantized.supported_engines and hasattr(tor
 
 
 class Float32Kernel:
-    """One row: F.linear on the column-major weight; several rows: oneDNN's pre-packed copy."""
+    """One row: the column-major weight viewed as SPLITS blocks of input features, one batched product over the
+    blocks and a sum of their partial results; several rows: oneDNN's pre-packed copy.
+
+    Why split one row: a single matrix-vector product (MKL's or oneDNN's) reads the weight at 12-22 GB/s here with
+    two threads, well below the 31 GB/s the two cores read together; torch.bmm gives each thread its own blocks, and
+    reads it at 17-33 GB/s (benchmarks/decode.py's weight shapes, measured one at a time from memory, not cache). The
+    blocks are a view of the column-major weight, so this costs no memory; SPLITS is fixed, so the sum's order, and
+    the result, does not depend on the thread count."""
+
+    SPLITS = 2
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
         self.weight, self.bias = weight, bias
+        self.out_features, in_features = weight.shape
+        self.blocks = None
+        if weight.t().is_contiguous() and in_features % self.SPLITS == 0:
+            self.blocks = weight.detach().t().view(self.SPLITS, in_features // self.SPLITS, self.out_features)
         self.packed = None
         if _ONEDNN:
             try:
@@ -132,8 +145,14 @@ class Float32Kernel:
                 self.packed = None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is not None and x.numel() > x.shape[-1]:
-            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        if x.numel() > x.shape[-1]:
+            if self.packed is not None:
+                return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        elif self.blocks is not None:
+            y = torch.bmm(x.reshape(self.SPLITS, 1, -1), self.blocks).sum(0)
+            if self.bias is not None:
+                y += self.bias
+            return y.view(*x.shape[:-1], self.out_features)
         return F.linear(x, self.weight, self.bias)
 
 

@@ -43,11 +43,17 @@ class Limits:
 
 
 def make_engine(lm, limits: Limits, on_step=None) -> Batcher:
-    """The engine for a loaded model: the one place that knows which model kinds the batcher serves."""
-    if lm.model.config.architecture != "gpt":
-        raise ValueError(f"serving {lm.model.config.architecture} models is not supported yet; "
-                         f"use `tinyformer generate` or LanguageModel.generate for them")
-    return Batcher(lm.model, lm.tokenizer, max_batch=limits.max_batch, max_queue=limits.max_queue, on_step=on_step)
+    """The engine for a loaded model (decoder-only or seq2seq: a seq2seq model's prompts are its sources)."""
+    return Batcher(lm.model, lm.tokenizer, source_tokenizer=lm.source_tokenizer, max_batch=limits.max_batch,
+                   max_queue=limits.max_queue, on_step=on_step)
+
+
+def _default_options(lm) -> dict:
+    """Options every request gets from the model's own generation config (LanguageModel.generation_defaults)."""
+    defaults = lm.generation_defaults
+    return {"stop_token_ids": list(defaults.get("stop_token_ids") or []),
+            "suppress_token_ids": list(defaults.get("suppress_token_ids") or []),
+            "forced_eos_token_id": defaults.get("forced_eos_token_id")}
 
 
 class _Metrics:
@@ -133,6 +139,8 @@ def create_app(lm, *, name: str | None = None, api_key: str | None = None, limit
     metrics = _Metrics()
     engine = make_engine(lm, limits, metrics.on_step)
     metrics.engine = engine
+    seq2seq = engine.seq2seq  # the prompt is the source: it does not share the decoder's context
+    model_defaults = _default_options(lm)
     template = _chat_template(lm, chat_template)
     created = int(time.time())
 
@@ -196,9 +204,11 @@ def create_app(lm, *, name: str | None = None, api_key: str | None = None, limit
         return body
 
     def encode(text: str) -> list[int]:
-        if tokenizer is None:
-            raise APIError(400, "this model has no tokenizer: send the prompt as token ids", "prompt")
-        return tokenizer.encode(text)
+        """A text prompt's token ids (a seq2seq model's source: its source tokenizer's, ending with <eos>)."""
+        try:
+            return engine.encode(text)
+        except GenerationError as error:
+            raise APIError(400, str(error), "prompt") from None
 
     def token_text(token: int) -> str:
         return tokenizer.token_text(token) if tokenizer is not None else f"token_id:{token}"
@@ -209,12 +219,13 @@ def create_app(lm, *, name: str | None = None, api_key: str | None = None, limit
         if longest > max_prompt:
             raise APIError(400, f"the prompt has {longest} tokens; this server accepts at most {max_prompt}",
                            "prompt", "context_length_exceeded")
+        in_context = 0 if seq2seq else longest  # context slots the prompt takes from the generated tokens
         if max_tokens is None:
-            max_tokens = max(0, min(default_max or max_tokens_cap, max_tokens_cap, context - longest))
+            max_tokens = max(0, min(default_max or max_tokens_cap, max_tokens_cap, context - in_context))
         elif max_tokens > max_tokens_cap:
             raise APIError(400, f"max_tokens is {max_tokens}; this server allows at most {max_tokens_cap}",
                            "max_tokens")
-        if longest + max_tokens > context:
+        if in_context + max_tokens > context:
             raise APIError(400, f"this model's context is {context} tokens; the prompt has {longest} and max_tokens "
                                 f"is {max_tokens}: shorten the prompt or lower max_tokens", "max_tokens",
                            "context_length_exceeded")
@@ -223,8 +234,10 @@ def create_app(lm, *, name: str | None = None, api_key: str | None = None, limit
         return Options(max_tokens=max_tokens, temperature=body.temperature, top_k=max(body.top_k, 0),
                        top_p=body.top_p, min_p=body.min_p, repetition_penalty=body.repetition_penalty,
                        presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
-                       stop=body.stops() + list(extra_stop), stop_token_ids=list(body.stop_token_ids or []),
-                       logprobs=logprobs)
+                       stop=body.stops() + list(extra_stop),
+                       stop_token_ids=list(body.stop_token_ids or []) + model_defaults["stop_token_ids"],
+                       suppress_token_ids=model_defaults["suppress_token_ids"],
+                       forced_eos_token_id=model_defaults["forced_eos_token_id"], logprobs=logprobs)
 
     def start(prompts: list[list[int]], options: Options, n: int, seed: int | None):
         """Queue n sequences per prompt; -> (sequences, queue of (choice index, Output))."""
@@ -355,11 +368,16 @@ def create_app(lm, *, name: str | None = None, api_key: str | None = None, limit
         prompts = [encode(p) if isinstance(p, str) else list(p) for p in prompt]
         if any(not p for p in prompts):
             raise APIError(400, "a prompt is empty; give at least one token", "prompt")
+        if seq2seq and body.echo and body.logprobs is not None:
+            raise APIError(400, "echo with logprobs scores the prompt, and a seq2seq model's prompt is its source, "
+                                "which it does not score; use echo without logprobs (it returns the source text)",
+                           "echo")
         options = options_from(body, body.max_tokens, prompts, body.logprobs, default_max=16)
         options.prompt_logprobs = body.echo and body.logprobs is not None
         sequences, queue = start(prompts, options, body.n, body.seed)
         rid, n = f"cmpl-{uuid.uuid4().hex}", body.n
-        echo_text = [(tokenizer.decode(p) if tokenizer is not None else "") if body.echo else "" for p in prompts]
+        reader = engine.source_tokenizer  # a seq2seq model's echo is its source text
+        echo_text = [(reader.decode(p) if reader is not None else "") if body.echo else "" for p in prompts]
 
         def prompt_logprobs(choice: int):
             """(tokens, logprobs, top) of the prompt for echo: the first token has no logprob."""
@@ -457,7 +475,7 @@ def create_app(lm, *, name: str | None = None, api_key: str | None = None, limit
         if template is None:
             text, extra_stop = default_chat_prompt(messages), [DEFAULT_CHAT_TEMPLATE_STOP]
         else:
-            text, extra_stop = _render(template, messages, tokenizer), []
+            text, extra_stop = _render(template, messages, engine.source_tokenizer), []
         prompts = [encode(text)]
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         max_tokens = body.max_tokens if body.max_tokens is not None else body.max_completion_tokens
