@@ -142,7 +142,8 @@ def test_ctrl_c_checkpoints_and_resume_with_saved_configs_continues_exactly(text
     assert all(torch.equal(a, weights(tmp_path)[k]) for k, a in weights(ref_out).items())
 
 
-def test_time_budget_sets_a_horizon_that_resume_keeps(text_file, tmp_path):
+def test_time_budget_sets_a_horizon_that_resume_keeps(text_file, tmp_path, monkeypatch):
+    monkeypatch.setattr("tinyformer.train.MEASURE_FRACTION", 0.0)  # time only MEASURE_STEPS steps: known by step 12
     config = quick(text_file, max_steps=None, time_budget=3.0, stop_at=12, eval_interval=1000)
     first = train(tiny(), config, tmp_path, progress=False, log=lambda s: None)
     horizon = first["max_steps"]
@@ -152,6 +153,19 @@ def test_time_budget_sets_a_horizon_that_resume_keeps(text_file, tmp_path):
     assert resumed["max_steps"] == horizon
     assert resumed["stopped"] in ("max_steps", "time_budget")
     assert resumed["seconds"] < 3.0 + 2.0
+
+
+def test_time_budget_holds_lr_through_the_stable_phase_then_decays(text_file, tmp_path):
+    """Warmup-stable-decay under a time budget: lr holds its peak through the stable phase (half of the 1 s budget,
+    timed to fix the horizon) and decays monotonically after it."""
+    config = quick(text_file, max_steps=None, time_budget=1.0, eval_interval=10**6, warmup_steps=2, decay="linear",
+                   min_lr=0.0, cooldown=0.5)
+    summary = train(tiny(), config, tmp_path, progress=False, log=lambda s: None)
+    records = [r for r in metrics(tmp_path) if r["train_loss"] is not None and r["step"] > 2]
+    decayed = [r for r in records if r["lr"] < config.lr]
+    assert summary["max_steps"] is not None and decayed and decayed[-1] is records[-1]
+    assert all(r["elapsed"] >= 0.5 for r in decayed)  # no decay before half the budget
+    assert [r["lr"] for r in decayed] == sorted((r["lr"] for r in decayed), reverse=True)
 
 
 def test_checkpoint_reproduces_the_trained_model(text_file, tmp_path):

@@ -422,8 +422,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("train", "train a GPT from scratch on text (default: the Python docs that ship with Python)")
     p.add_argument("--preset", default=None, help=f"model preset: {', '.join(PRESETS)} (default: tiny, or seq2seq "
-                   "with --arch seq2seq); it also sets lr, batch size and warmup unless given "
-                   "(tinyformer.train.PRESET_TRAINING)")
+                   "with --arch seq2seq); it also sets lr, batch size, warmup, optimizer and schedule unless "
+                   "given (tinyformer.train.PRESET_TRAINING)")
     p.add_argument("--out", default="runs/default", help="checkpoint directory (default: runs/default)")
     p.add_argument("--resume", action="store_true", help="continue the run saved in --out exactly where it stopped")
     p.add_argument("--overwrite", action="store_true", help="replace a checkpoint already in --out")
