@@ -239,9 +239,10 @@ class Block(nn.Module):
         return self._sublayer(x, self.norm2, self.mlp)
 
     def _sublayer(self, x, norm, f, *args):
-        if self.post_norm:
-            return norm(x + self.dropout(f(x, *args)))
-        return x + self.dropout(f(norm(x), *args))
+        y = f(x if self.post_norm else norm(x), *args)
+        if self.training and self.dropout.p:  # a module call saved twice a layer per decode step
+            y = self.dropout(y)
+        return norm(x + y) if self.post_norm else x + y
 
 
 class TransformerModel(nn.Module):
