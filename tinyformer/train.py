@@ -758,23 +758,25 @@ def _save_figure(fig, ax, xlabel: str, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def _differences(given, saved, allowed) -> list[str]:
+    """"name value (saved value)" for each dataclass field outside `allowed` where `given` differs from `saved`."""
+    return [f"{f.name} {getattr(given, f.name)!r} (saved {getattr(saved, f.name)!r})" for f in fields(given)
+            if f.name not in allowed and getattr(given, f.name) != getattr(saved, f.name)]
+
+
 def _load_for_resume(out: Path, model_config, train_config):
     saved_model, saved_train = resume_configs(out)
     if model_config is not None:
         check_same_architecture(out, saved_model.architecture, model_config.architecture)
         from_data = ("vocab_size", "src_vocab_size", "share_embeddings")  # set by the tokenizers, not the user
-        diffs = [f"{f.name} {getattr(model_config, f.name)!r} (saved {getattr(saved_model, f.name)!r})"
-                 for f in fields(ModelConfig)
-                 if f.name not in from_data and getattr(model_config, f.name) != getattr(saved_model, f.name)]
+        diffs = _differences(model_config, saved_model, from_data)
         if diffs:
             raise TrainError(f"cannot resume {out}: the model config differs from the checkpoint's: "
                              f"{'; '.join(diffs)}; pass the saved config (or none)")
     if train_config is None:
         cfg = TrainConfig(**{**asdict(saved_train), "stop_at": None})
     else:
-        diffs = [f"{f.name} {getattr(train_config, f.name)!r} (saved {getattr(saved_train, f.name)!r})"
-                 for f in fields(TrainConfig)
-                 if f.name not in SESSION_FIELDS and getattr(train_config, f.name) != getattr(saved_train, f.name)]
+        diffs = _differences(train_config, saved_train, SESSION_FIELDS)
         if diffs:
             raise TrainError(f"cannot resume {out}: the train config differs from the checkpoint's: "
                              f"{'; '.join(diffs)}; only {', '.join(SESSION_FIELDS)} may change")
