@@ -158,7 +158,10 @@ def load_checkpoint(directory, device: str | torch.device = "cpu"):
                               f"from step {config.get('step')} (a save was interrupted)")
     model = set_precision(build_model(model_config), saved_precision.get("dtype"), saved_precision.get("quantize"))
     load_state_into(model, state, directory)
-    return model.to(device).eval(), tokenizer, config
+    model = model.to(device).eval()
+    if saved_precision.get("dtype") and any(p.device.type != "cpu" for p in model.parameters()):
+        set_precision(model, saved_precision["dtype"])  # off the CPU, 16-bit arithmetic too (set_precision)
+    return model, tokenizer, config
 
 
 def load_source_tokenizer(directory, config: dict) -> Tokenizer | None:

@@ -54,6 +54,8 @@ class Linear(nn.Linear):
             return self._kernel(x)
         if self.weight_scale is not None:
             return int8_linear(x, self.weight, self.weight_scale, self.bias)
+        if self.weight.dtype != x.dtype:  # 16-bit weights with float32 arithmetic (quant.set_precision, CPU)
+            return F.linear(x, self.weight.to(x.dtype), self.bias)
         return F.linear(x, self.weight, self.bias)
 
 
@@ -249,6 +251,7 @@ class TransformerModel(nn.Module):
     """What GPT and Seq2Seq share: positions, embedding, initialisation, the decoder pass with its KV cache."""
 
     config: ModelConfig
+    compute_dtype: torch.dtype | None = None  # the activations' dtype when it differs from the weights' (quant)
 
     def _init_positions(self, config: ModelConfig) -> None:
         if config.positional == "learned":
@@ -298,6 +301,8 @@ class TransformerModel(nn.Module):
     def embed(self, embedding: nn.Embedding, input_ids, position_ids):
         """Token embeddings (scaled if configured) plus absolute positions -> (x, rope cos/sin or None)."""
         x = embedding(input_ids)
+        if self.compute_dtype is not None:
+            x = x.to(self.compute_dtype)
         if self.embed_scale != 1.0:
             x = x * self.embed_scale
         rope = None
