@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 import torch
-from isolated import report as report_worker, run_worker
+from isolated import positive_int, report as report_worker, run_worker
 
 VOCAB = 50257
 
@@ -301,8 +301,8 @@ def main(argv=None) -> int:
     parser.add_argument("--scenarios", action="store_true",
                         help="tinyformer vs transformers: sampling, beam search, uncached contexts")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--rounds", type=int, default=3, help="passes through all engines (best is kept)")
-    parser.add_argument("--repeats", type=int, default=1, help="timed runs per cell in each round")
+    parser.add_argument("--rounds", type=positive_int, default=3, help="passes through all engines (best is kept)")
+    parser.add_argument("--repeats", type=positive_int, default=1, help="timed runs per cell in each round")
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # internal: time one engine (benchmarks/isolated.py)
     parser.add_argument("--work", help=argparse.SUPPRESS)
     parser.add_argument("--new", type=int, help=argparse.SUPPRESS)

@@ -8,6 +8,7 @@ own, one after another, never two at once.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -23,3 +24,14 @@ def run_worker(script: str, arguments: list[str]) -> dict:
 
 def report(result: dict) -> None:
     print(json.dumps(result), flush=True)
+
+
+def positive_int(text: str) -> int:
+    """argparse type for --rounds / --repeats: a count of at least 1, or one clear line naming the bad value."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}")
+    return value

@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 import torch
-from isolated import report as report_worker, run_worker
+from isolated import positive_int, report as report_worker, run_worker
 
 VOCAB, PAD, EOS, UNK = 8000, 7999, 0, 1
 NEW_TOKENS = 16
@@ -224,8 +224,9 @@ def main(argv=None) -> int:
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
-    parser.add_argument("--rounds", type=int, default=2, help="speed: passes through all engines (best is kept)")
-    parser.add_argument("--repeats", type=int, default=2, help="speed: timed runs per cell in each round")
+    parser.add_argument("--rounds", type=positive_int, default=2,
+                        help="speed: passes through all engines (best is kept)")
+    parser.add_argument("--repeats", type=positive_int, default=2, help="speed: timed runs per cell in each round")
     parser.add_argument("--model-dir", help="a directory an earlier run built (its path is printed)")
     parser.add_argument("--singles", type=int, default=8, help="sources decoded one at a time in the batch-1 rows")
     parser.add_argument("--budgets", default="300,600", help="quality: training seconds per run, comma-separated")
