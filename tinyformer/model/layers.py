@@ -46,11 +46,11 @@ class Linear(nn.Linear):
         self._kernel = None
 
     def _weight_version(self) -> tuple:
-        return self.weight._version, self.weight.data_ptr()
+        weight = self._parameters["weight"]  # not self.weight: Module.__getattr__ costs ~1 us, twice a call
+        return weight._version, weight.data_ptr()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (self._kernel is not None and not torch.is_grad_enabled()
-                and self._packed_version == self._weight_version()):
+        if self._kernel is not None and not torch.is_grad_enabled() and self._packed_version == self._weight_version():
             return self._kernel(x)
         if self.weight_scale is not None:
             return int8_linear(x, self.weight, self.weight_scale, self.bias)
@@ -144,6 +144,16 @@ class Attention(nn.Module):
         v = self.v_proj(h).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
         return k, v
 
+    def _project_qkv(self, x, B: int, T: int):
+        """q [B, heads, T, head_dim], k and v [B, kv_heads, T, head_dim] of self-attention."""
+        fused = self._qkv.fused(x) if self._qkv is not None and self.n_kv_heads == self.n_heads else None
+        if fused is not None:  # one view of the fused product: 3 small ops a layer instead of 7 in a decode step
+            return fused.view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k, v = self._qkv(x) if self._qkv is not None else (self.q_proj(x), self.k_proj(x), self.v_proj(x))
+        return (q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2),
+                k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2),
+                v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2))
+
     def forward(self, x, rope, mask, cache, record_attention: bool = False, memory=None):
         B, T, _ = x.shape
         if self.cross:
@@ -155,10 +165,7 @@ class Attention(nn.Module):
                 q = q.view(-1, G, self.n_heads, T, self.head_dim).transpose(1, 2).reshape(-1, self.n_heads, G * T,
                                                                                           self.head_dim)
         else:
-            q, k, v = self._qkv(x) if self._qkv is not None else (self.q_proj(x), self.k_proj(x), self.v_proj(x))
-            q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-            k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-            v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+            q, k, v = self._project_qkv(x, B, T)
             G = 1
             if rope is not None:
                 q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)

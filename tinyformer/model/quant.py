@@ -241,10 +241,16 @@ class FusedLinears:
     def _versions(self) -> list:
         return [layer._weight_version() for layer in self.layers]
 
-    def __call__(self, x: torch.Tensor):
+    def fused(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The layers' outputs side by side in one tensor [..., sum of sizes], or None when the fused kernel may
+        not run (autograd on, a weight changed)."""
         if self.kernel is None or torch.is_grad_enabled() or self._versions() != self.versions:
-            return [layer(x) for layer in self.layers]
-        return self.kernel(x).split(self.sizes, dim=-1)
+            return None
+        return self.kernel(x)
+
+    def __call__(self, x: torch.Tensor):
+        y = self.fused(x)
+        return [layer(x) for layer in self.layers] if y is None else y.split(self.sizes, dim=-1)
 
 
 def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
