@@ -1,0 +1,97 @@
+"""kernels.cpp's int8 product against an exact float64 reference of its own arithmetic, batch invariance, the
+Int8Kernel's choice between it and fbgemm, and bad input."""
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tinyformer.model import kernels, quant
+
+buildable = kernels.supported() and (shutil.which("c++") or shutil.which("g++"))
+needs_kernels = pytest.mark.skipif(not buildable, reason="needs an x86-64 CPU with AVX2 and a C++ compiler")
+
+
+@pytest.fixture(scope="module")
+def library():
+    return kernels.library()
+
+
+def int8_weight(n: int, k: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    weight = torch.randn(n, k, generator=g)
+    return quant.quantize_int8(weight)
+
+
+def reference(x, q, scale, bias):
+    """What the kernel computes, in float64: activations quantized per block of 32 (round half to even, the
+    last block zero-padded), exact products, the weight's row scale, the bias."""
+    k = x.shape[1]
+    padded = F.pad(x.double(), (0, -k % 32)).view(x.shape[0], -1, 32)
+    step = padded.abs().amax(-1, keepdim=True) / 127
+    xq = torch.round(padded / torch.where(step > 0, step, torch.ones_like(step))) * step
+    y = xq.view(x.shape[0], -1)[:, :k] @ q.double().t() * scale.double()
+    return y if bias is None else y + bias.double()
+
+
+@needs_kernels
+def test_kernels_build_where_a_compiler_and_avx2_exist(library):
+    assert library is not None and hasattr(library, "int8_linear")
+
+
+@needs_kernels
+@pytest.mark.parametrize("m, n, k, with_bias", [(1, 40, 64, True), (1, 768, 768, False), (3, 33, 70, True),
+                                                (5, 17, 33, False), (70, 24, 96, True)])
+def test_int8_product_equals_its_exact_arithmetic(library, m, n, k, with_bias):
+    q, scale = int8_weight(n, k, seed=m + n + k)
+    g = torch.Generator().manual_seed(k)
+    x = torch.randn(m, k, generator=g) * 3
+    x[0, : min(k, 32)] = 0  # a block of zeros has scale 0
+    bias = torch.randn(n, generator=g) if with_bias else None
+    y = library.int8_linear(x, F.pad(q, (0, -k % 32)).contiguous(), scale, bias)
+    expected = reference(x, q, scale, bias)
+    # float32 block sums and accumulation: ~1e-7 of the magnitude; a wrong block, sign or scale is >= 1e-2
+    assert (y.double() - expected).abs().max() <= 1e-5 * expected.abs().max()
+    float_product = x @ (q.float() * scale[:, None]).t() + (0 if bias is None else bias)
+    assert ((y - float_product).norm() / float_product.norm()) < 0.01  # 8-bit activations per block
+
+
+@needs_kernels
+def test_each_row_equals_its_result_alone(library):
+    q, scale = int8_weight(48, 96, seed=1)
+    x = torch.randn(11, 96, generator=torch.Generator().manual_seed(2))
+    together = library.int8_linear(x, q, scale, None)
+    alone = torch.cat([library.int8_linear(x[i:i + 1].contiguous(), q, scale, None) for i in range(11)])
+    assert torch.equal(together, alone)
+
+
+@needs_kernels
+def test_bad_input_is_refused_with_the_shape_it_needs(library):
+    q, scale = int8_weight(8, 64, seed=0)
+    with pytest.raises(RuntimeError, match="x has 96 features, w 64"):
+        library.int8_linear(torch.randn(1, 96), q, scale, None)
+    with pytest.raises(RuntimeError, match=r"w: contiguous int8 \[N, K padded to a multiple of 32\]"):
+        library.int8_linear(torch.randn(1, 48), q[:, :48].contiguous(), scale, None)
+
+
+@needs_kernels
+@pytest.mark.skipif(not quant._FBGEMM, reason="needs fbgemm")
+def test_int8_kernel_uses_ours_for_one_row_and_fbgemm_for_several(library):
+    q, scale = int8_weight(64, 96, seed=3)
+    bias = torch.randn(64)
+    kernel = quant.Int8Kernel(q, scale, bias)
+    x = torch.randn(2, 5, 96, generator=torch.Generator().manual_seed(4))
+    one = kernel(x[:1, :1])
+    assert torch.equal(one.view(1, 64), library.int8_linear(x[0, :1].contiguous(), q, scale, bias))
+    several = kernel(x)
+    assert several.shape == (2, 5, 64)
+    assert torch.allclose(several, torch.ops.quantized.linear_dynamic(x.view(10, 96), kernel.packed, True).view(2, 5, 64))
+    float_product = x @ (q.float() * scale[:, None]).t() + bias
+    ours_error = ((one - float_product[:1, :1]).norm() / float_product[:1, :1].norm()).item()
+    fbgemm_error = ((several - float_product).norm() / float_product.norm()).item()
+    assert ours_error < 0.01 and fbgemm_error < 0.05
+
+
+def test_switched_off_by_the_environment(monkeypatch):
+    monkeypatch.setenv("TINYFORMER_KERNELS", "0")
+    assert not kernels.supported()
