@@ -9,6 +9,8 @@ this trains a model first: char tokens, d_model 256, 4 layers, context 64 (weigh
 int8 scales and 7-bit activations are exercised), on ../shared/data/tinyshakespeare.txt. The held-out loss is the trainer's own
 validation split (the last 10% of the text; its first 32768 tokens by default), scored in non-overlapping context windows. With llama-cpp-python
 installed it also checks that llama.cpp, reading our GGUF export (f32), picks the same greedy tokens as we do.
+The last row scores int8 one token at a time, as batch-1 decoding runs it: through kernels.cpp's one-row product
+(activations quantized per block of 32) rather than fbgemm's several-row one (one 7-bit scale per call).
 """
 from __future__ import annotations
 
@@ -24,7 +26,8 @@ import torch.nn.functional as F
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 PRECISIONS = (("float32", {}), ("bfloat16", {"dtype": "bfloat16"}), ("float16", {"dtype": "float16"}),
-              ("int8", {"quantize": "int8"}), ("bfloat16 + int8", {"dtype": "bfloat16", "quantize": "int8"}))
+              ("int8", {"quantize": "int8"}), ("bfloat16 + int8", {"dtype": "bfloat16", "quantize": "int8"}),
+              ("int8, a token a step", {"quantize": "int8", "one_token": True}))
 
 
 def train_model(out: Path, data: Path, seconds: float, log) -> None:
@@ -38,8 +41,12 @@ def train_model(out: Path, data: Path, seconds: float, log) -> None:
           out, progress=False, overwrite=True, log=lambda *a, **k: None)
 
 
-def held_out_loss(lm, text: str, val_fraction: float, max_tokens: int) -> tuple[float, int]:
+def held_out_loss(lm, text: str, val_fraction: float, max_tokens: int, one_token: bool = False) -> tuple[float, int]:
+    """Mean cross-entropy over non-overlapping windows; one_token: each window fed a token at a time through the KV
+    cache, as decoding runs (int8 then goes through the one-row kernel, not the several-row one)."""
     from tinyformer.data import TokenData
+    from tinyformer.generation.cache import KVCache
+    from tinyformer.model.quant import activation_dtype
 
     window = lm.model.config.context_length
     ids = TokenData.from_text(text, lm.tokenizer, val_fraction, window).val.long()
@@ -49,7 +56,12 @@ def held_out_loss(lm, text: str, val_fraction: float, max_tokens: int) -> tuple[
             chunk = ids[start:start + window + 1]
             if len(chunk) < 2:
                 break
-            logits = lm.model(chunk[None, :-1]).float()
+            if one_token:
+                cache = KVCache(lm.model.config, 1, window, activation_dtype(lm.model))
+                logits = torch.cat([lm.model(chunk[None, t:t + 1], cache=cache).float()
+                                    for t in range(len(chunk) - 1)], dim=1)
+            else:
+                logits = lm.model(chunk[None, :-1]).float()
             total += F.cross_entropy(logits[0], chunk[1:], reduction="sum").item()
             count += len(chunk) - 1
     return total / count, count
@@ -99,8 +111,10 @@ def main(argv=None) -> int:
     val_fraction = (json.loads((checkpoint / "config.json").read_text()).get("train") or {}).get("val_fraction", 0.1)
     rows = []
     for name, options in PRECISIONS:
+        options = dict(options)
+        one_token = options.pop("one_token", False)
         lm = tinyformer.load(checkpoint, device="cpu", **options)
-        loss, tokens = held_out_loss(lm, text, val_fraction, args.max_tokens)
+        loss, tokens = held_out_loss(lm, text, val_fraction, args.max_tokens, one_token)
         rows.append({"precision": name, "val_loss": loss, "weight_bytes": weight_bytes(lm.model), "tokens": tokens})
         log(f"  {name:<16} held-out loss {loss:.4f}")
     reference = rows[0]["val_loss"]

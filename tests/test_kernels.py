@@ -95,3 +95,9 @@ def test_int8_kernel_uses_ours_for_one_row_and_fbgemm_for_several(library):
 def test_switched_off_by_the_environment(monkeypatch):
     monkeypatch.setenv("TINYFORMER_KERNELS", "0")
     assert not kernels.supported()
+
+
+def test_the_ninja_package_is_found_without_an_activated_venv(monkeypatch):
+    ninja = pytest.importorskip("ninja")
+    monkeypatch.setenv("PATH", "/usr/bin")
+    assert kernels.ninja_on_path().split(":")[0] == ninja.BIN_DIR

@@ -45,14 +45,26 @@ def build_directory() -> Path:
     return cache / "tinyformer" / f"kernels-{key}"
 
 
+def ninja_on_path() -> str:
+    """PATH with the ninja package's directory first: torch runs `ninja` from PATH, which lacks the venv's bin
+    unless the venv is activated."""
+    path = os.environ.get("PATH", "")
+    try:
+        import ninja
+    except ImportError:  # a system ninja may still be there
+        return path
+    return ninja.BIN_DIR + os.pathsep + path
+
+
 def library():
-    """The loaded kernels (torch.ops.tinyformer), building them the first time; None where they cannot run."""
+    """The loaded kernel (torch.ops.tinyformer), built the first time; None where it cannot run."""
     global _library, _tried
     if _tried:
         return _library
     _tried = True
     if not supported():
         return None
+    path = os.environ.get("PATH", "")
     try:
         from torch.utils.cpp_extension import load
 
@@ -62,13 +74,16 @@ def library():
         if lock.exists() and time.time() - lock.stat().st_mtime > 600:
             lock.unlink(missing_ok=True)
         if not (directory / "tinyformer_kernels.so").exists():
-            print("tinyformer: compiling the int8/16-bit CPU kernels (once, ~10 s)", file=sys.stderr, flush=True)
+            print("tinyformer: compiling the int8 CPU kernel (once, ~10 s)", file=sys.stderr, flush=True)
+        os.environ["PATH"] = ninja_on_path()
         load("tinyformer_kernels", [str(SOURCE)], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"],
              build_directory=str(directory), is_python_module=False, verbose=False)
         _library = torch.ops.tinyformer
-    except Exception as error:  # no compiler, no ninja, a read-only home: torch's kernels still work
+    except Exception as error:  # no compiler, no ninja, a read-only home: fbgemm's kernel still works
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        print(f"tinyformer: using torch's int8/16-bit kernels (slower at batch 1); building ours failed: {reason}",
+        print(f"tinyformer: int8 at batch 1 uses fbgemm's kernel (slower); building ours failed: {reason}",
               file=sys.stderr)
         _library = None
+    finally:
+        os.environ["PATH"] = path
     return _library
