@@ -2,13 +2,17 @@
 
     python benchmarks/decode_profile.py                 # random GPT-2-124M, float32 / bfloat16 / int8
     python benchmarks/decode_profile.py --top 15        # also the 15 costliest other ops (torch.profiler)
+    python benchmarks/decode_profile.py --precisions "" --int8-kernels 10  # int8: our one-row kernel vs fbgemm's,
+                                                                          # the matrices alone and 10 step pairs
 
 Each precision decodes --steps greedy tokens after a 32-token prompt, best of --repeats runs, twice: as it is, and
 with every weight-matrix kernel (the Linears' packed kernels, fused q/k/v included) replaced by a stub that returns
 zeros of the right shape. The second time is "everything else" (attention, norms, residuals, the KV cache,
 sampling, Python); the difference is "matrix products". No profiler runs during these timings: its per-op cost
 (~5 us an op, ~1,500 ops a step) would inflate "everything else" by several milliseconds. --top then profiles
-the unchanged step once and lists the costliest ops outside the matrix products.
+the unchanged step once and lists the costliest ops outside the matrix products. --int8-kernels N times the int8
+model's matrix calls alone with each kernel at 1, 2, 8 and 32 rows, then builds the int8 model twice, with model/kernels.cpp for one-row products and with fbgemm's kernel throughout, and times them in
+alternation N times in this one process, so that the VM's drift over minutes falls on both alike.
 """
 from __future__ import annotations
 
@@ -78,6 +82,57 @@ def profile_steps(model, prompt, steps: int):
     return wall, matmul_us / 1e6, others
 
 
+def compare_int8_kernels(prompt, steps: int, pairs: int, seed: int) -> None:
+    import statistics
+
+    from tinyformer.model import kernels
+
+    if kernels.library() is None:
+        print("int8 kernels: ours is not built here (see tinyformer/model/kernels.py); nothing to compare")
+        return
+    ours = build("int8", seed)
+    kernels._library = None  # the next build falls back to fbgemm for every batch size
+    try:
+        fbgemm = build("int8", seed)
+    finally:
+        kernels._library = None
+        kernels._tried = False
+    times = [(step_ms(ours, prompt, steps, 1), step_ms(fbgemm, prompt, steps, 1)) for _ in range(pairs)]
+    speedups = sorted(b / a for a, b in times)
+    print(f"\nint8 step ms, ours (one row) / fbgemm, {pairs} alternating pairs: "
+          + ", ".join(f"{a:.2f}/{b:.2f}" for a, b in times))
+    print(f"median ours {statistics.median(a for a, _ in times):.2f} ms, fbgemm {statistics.median(b for _, b in times):.2f}"
+          f" ms; speedup per pair: median {statistics.median(speedups):.3f}x, min {speedups[0]:.3f}x, "
+          f"max {speedups[-1]:.3f}x")
+
+
+def time_int8_matrices(seed: int, rows=(1, 2, 8, 32), repeats: int = 6) -> None:
+    """The int8 model's matrix products alone, back to back (one token's worth of calls): ours vs fbgemm's."""
+    from tinyformer.model.quant import FusedLinears, Int8Kernel
+
+    model = build("int8", seed)
+    found = [m._kernel for m in model.modules() if isinstance(getattr(m, "_kernel", None), Int8Kernel)]
+    found += [v.kernel for m in model.modules() for v in vars(m).values()
+              if isinstance(v, FusedLinears) and isinstance(v.kernel, Int8Kernel)]
+    if not found or found[0].one_row is None or found[0].packed is None:
+        print("int8 matrices: needs both our kernel and fbgemm")
+        return
+    megabytes = sum(k.q.numel() for k in found) / 1e6
+    print(f"\nint8: the model's {len(found)} matrix calls ({megabytes:.0f} MB) back to back, best of {repeats}, ms")
+    print("| rows | ours | fbgemm |\n|---:|---:|---:|")
+    for m in rows:
+        xs = [torch.randn(m, k.q.shape[1]) for k in found]
+        runs = {"ours": lambda: [k.one_row(x, k.q, k.scale, k.bias) for k, x in zip(found, xs)],
+                "fbgemm": lambda: [torch.ops.quantized.linear_dynamic(x, k.packed, True) for k, x in zip(found, xs)]}
+        best = {name: float("inf") for name in runs}
+        for _ in range(repeats):
+            for name, run in runs.items():
+                start = time.perf_counter()
+                run()
+                best[name] = min(best[name], time.perf_counter() - start)
+        print(f"| {m} | {best['ours'] * 1e3:.2f} | {best['fbgemm'] * 1e3:.2f} |")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=128)
@@ -85,6 +140,8 @@ def main(argv=None) -> int:
     parser.add_argument("--top", type=int, default=0)
     parser.add_argument("--precisions", default="float32,bfloat16,int8")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--int8-kernels", type=int, default=0, metavar="N",
+                        help="then time int8 with our one-row kernel vs fbgemm's, N alternating pairs")
     args = parser.parse_args(argv)
     prompt = torch.randint(0, 50257, (32,), generator=torch.Generator().manual_seed(args.seed)).tolist()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch 1, {args.steps} steps "
@@ -92,7 +149,7 @@ def main(argv=None) -> int:
     print("| precision | step ms | matrix products ms | everything else ms |")
     print("|---|---:|---:|---:|")
     details = []
-    for precision in args.precisions.split(","):
+    for precision in filter(None, args.precisions.split(",")):
         model = build(precision, args.seed)
         whole = step_ms(model, prompt, args.steps, args.repeats)
         if args.top:
@@ -101,6 +158,9 @@ def main(argv=None) -> int:
         rest = step_ms(model, prompt, args.steps, args.repeats)
         print(f"| {precision} | {whole:.2f} | {whole - rest:.2f} | {rest:.2f} |", flush=True)
         del model
+    if args.int8_kernels:
+        time_int8_matrices(args.seed)
+        compare_int8_kernels(prompt, args.steps, args.int8_kernels, args.seed)
     for precision, others in details:
         print(f"\n{precision}: costliest other ops (self CPU ms per step, calls per step, under the profiler)")
         for e in others[:args.top]:
