@@ -11,8 +11,9 @@ zeros of the right shape. The second time is "everything else" (attention, norms
 sampling, Python); the difference is "matrix products". No profiler runs during these timings: its per-op cost
 (~5 us an op, ~1,500 ops a step) would inflate "everything else" by several milliseconds. --top then profiles
 the unchanged step once and lists the costliest ops outside the matrix products. --int8-kernels N times the int8
-model's matrix calls alone with each kernel at 1, 2, 8 and 32 rows, then builds the int8 model twice, with model/kernels.cpp for one-row products and with fbgemm's kernel throughout, and times them in
-alternation N times in this one process, so that the VM's drift over minutes falls on both alike.
+model's matrix calls alone with each kernel at 1, 2, 8 and 32 rows, then builds the int8 model twice, with
+model/kernels.cpp for one-row products and with fbgemm's kernel throughout, and times them in alternation N times
+in this one process, so that the VM's drift over minutes falls on both alike.
 """
 from __future__ import annotations
 
@@ -101,8 +102,9 @@ def compare_int8_kernels(prompt, steps: int, pairs: int, seed: int) -> None:
     speedups = sorted(b / a for a, b in times)
     print(f"\nint8 step ms, ours (one row) / fbgemm, {pairs} alternating pairs: "
           + ", ".join(f"{a:.2f}/{b:.2f}" for a, b in times))
-    print(f"median ours {statistics.median(a for a, _ in times):.2f} ms, fbgemm {statistics.median(b for _, b in times):.2f}"
-          f" ms; speedup per pair: median {statistics.median(speedups):.3f}x, min {speedups[0]:.3f}x, "
+    ours_ms, fbgemm_ms = statistics.median(a for a, _ in times), statistics.median(b for _, b in times)
+    print(f"median ours {ours_ms:.2f} ms, fbgemm {fbgemm_ms:.2f} ms; speedup per pair: "
+          f"median {statistics.median(speedups):.3f}x, min {speedups[0]:.3f}x, "
           f"max {speedups[-1]:.3f}x")
 
 

@@ -1,10 +1,11 @@
 """tinyformer's own CPU kernel for int8 weights at batch 1 (kernels.cpp), compiled on first use.
 
 Why our own: in a batch-1 decode step each weight matrix is read once from memory, so the kernel's read bandwidth
-sets the speed. fbgemm's int8 kernel (what torch offers) streams GPT-2-124M's 49 int8 matrices at ~20 GB/s with two
-threads on the AVX2 machine the benchmarks run on, where a plain sum reads memory at ~27 GB/s; kernels.cpp reads
-them at ~23 GB/s (5.4 vs 6.1 ms a token) and the whole decode step runs ~13% faster (10 alternating pairs, median;
-every pair faster). quant.Int8Kernel says when it runs and when fbgemm's does.
+sets the speed. fbgemm's int8 kernel (what torch offers) streams GPT-2-124M's 49 int8 matrices (124 MB) at
+12-20 GB/s with two threads on the AVX2 machine the benchmarks run on, where a plain sum reads memory at ~27 GB/s;
+kernels.cpp takes 5.4 vs 6.1 ms and 7.7 vs 10.1 ms in two runs, and the whole decode step runs ~13% faster (median
+of 10 alternating pairs in one process, twice: 1.13x and 1.14x). `python benchmarks/decode_profile.py
+--precisions "" --int8-kernels 10` measures both. quant.Int8Kernel says when it runs and when fbgemm's does.
 
 The build needs a C++ compiler (g++ or clang) and ninja (a dependency), and an x86-64 CPU with AVX2 and FMA; it
 takes ~10 s and is cached under ~/.cache/tinyformer (XDG_CACHE_HOME). Without them, or with TINYFORMER_KERNELS=0,

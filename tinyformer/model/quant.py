@@ -22,8 +22,9 @@ OpenMP wake-ups, which cost ~12 ms each on this VM, do not hide the kernels; iss
   50-70x slower than fbgemm at one row in a (busy) two-thread run. fbgemm is reached through torch's quantized-tensor API,
   deprecated in 2.13 with no CPU successor yet, so its deprecation warning is silenced where we build the packed
   weight, and `_weight_int8pack_mm` runs wherever fbgemm is missing or autograd is on. At one row our own kernel
-  (kernels.cpp, see Int8Kernel) beats fbgemm with two threads: 5.4 vs 6.1 ms. A bfloat16 version of it was no
-  faster than fbgemm's float16 kernel (9.3 vs 9.0 ms: both read at the memory bandwidth) and was dropped.
+  (kernels.cpp, see Int8Kernel) beats fbgemm with two threads: 5.4 vs 6.1 and 7.7 vs 10.1 ms in two runs. A
+  bfloat16 version of it was no faster than fbgemm's float16 kernel (9.3 vs 9.0 ms: both read at the memory
+  bandwidth) and was dropped.
 """
 from __future__ import annotations
 
@@ -188,12 +189,14 @@ class Float32Kernel:
 class Int8Kernel:
     """int8 weights: one activation row (a batch-1 decode step) through kernels.cpp, several through fbgemm.
 
-    kernels.cpp quantizes each activation row per block of 32 values and streams the weight at close to the memory
-    bandwidth: GPT-2-124M's 49 matrices for one token in 5.4 ms against fbgemm's 6.1 (2 threads, this VM; the
-    decode step ~14% faster), with a third of fbgemm's error against the float product. From two rows on fbgemm's
-    kernel wins (8 rows: 10 vs 17 ms; a 32-token prompt 37 vs 63 ms): it quantizes activations to 7 bits with one
-    scale for the whole call and sums in int32 over the whole row, about half the instructions per weight. fbgemm
-    stores its own packed copy of the weight; kernels.cpp reads the layer's int8 weight as it is.
+    kernels.cpp quantizes each activation row per block of 32 values and streams the weight at ~23 GB/s (memory
+    reads ~27): GPT-2-124M's 49 matrices for one token in 5.4-7.7 ms against fbgemm's 6.1-10.1 (2 threads, this VM;
+    the decode step ~13% faster), with a third of fbgemm's error against the float product (held-out loss of a
+    trained model +0.01% against float32, fbgemm +0.05%). From a few rows on fbgemm's kernel wins (8 rows: 10-13 vs
+    17-19 ms; a 32-token prompt 37-48 vs 63-89 ms; benchmarks/decode_profile.py --int8-kernels): it quantizes
+    activations to 7 bits with one scale for the whole call and sums in int32 over the whole row, about half the
+    instructions per weight. fbgemm stores its own packed copy of the weight; kernels.cpp reads the layer's int8
+    weight as it is (a padded copy only when the input features are not a multiple of 32).
 
     fbgemm's reduce_range=True keeps activations to 7 bits: its AVX2 inner product adds pairs of uint8 x int8
     products in saturating int16, and 2 x 255 x 127 would overflow it."""
@@ -205,7 +208,7 @@ class Int8Kernel:
         self.one_row = None
         if library is not None:
             self.one_row = library.int8_linear.default
-            self.q = F.pad(q, (0, -q.shape[1] % 32)).contiguous()  # a copy only when the columns need padding
+            self.q = q.contiguous() if q.shape[1] % 32 == 0 else F.pad(q, (0, -q.shape[1] % 32)).contiguous()
             self.scale = scale.float().contiguous()
         self.packed = None
         if _FBGEMM:
