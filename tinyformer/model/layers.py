@@ -16,9 +16,9 @@ class Linear(nn.Linear):
 
     A decode step is a matrix-vector product per weight, so speed is set by how the weight is laid out and which
     kernel reads it. `pack()` lays the weight out column-major and builds the fastest kernel for its precision
-    (quant.make_kernel: oneDNN pre-packed float32, fbgemm float16 for 16-bit weights, fbgemm int8). The kernel is
-    used only without autograd and only while the weight is unchanged (its version counter); state_dict, training
-    and every other path see an ordinary nn.Linear. `quantize_int8()` replaces the weight by int8 values and a
+    (quant.make_kernel: oneDNN pre-packed float32, fbgemm float16 for 16-bit weights, int8 through our own
+    kernel at one row and fbgemm's at several). The kernel is used only without autograd and only while the weight
+    is unchanged (its version counter); state_dict, training and every other path see an ordinary nn.Linear. `quantize_int8()` replaces the weight by int8 values and a
     per-row `weight_scale` (quant.quantize_int8); such a layer is for inference only.
     """
 
