@@ -31,6 +31,10 @@ namespace {
 constexpr int64_t kBlock = 32;   // int8: activation values sharing one scale, and the unit of the int32 dot product
 constexpr int64_t kTile = 4;     // activation rows multiplied by one weight row while it is in L1
 constexpr int64_t kPanel = 64;   // activation rows kept in L2 while a thread streams its weight rows
+// Each thread asks for the weight 16 KB ahead of the row it multiplies: on GPT-2's 49 int8 matrices at one row,
+// 4.6-6.2 ms (median of 12) against 5.3-6.7 ms without, on top of the hardware prefetcher; 2 to 16 rows or 4 to
+// 16 KB ahead all measured alike.
+constexpr int64_t kPrefetch = 16384;
 
 inline float horizontal_sum(__m256 v) {
   __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -138,6 +142,9 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tenso
       const int64_t m1 = std::min(M, m0 + kPanel);
       for (int64_t n = begin; n < end; n++) {
         const int8_t* wn = W + n * Kp;
+        if (n * Kp + kPrefetch + Kp <= end * Kp)  // the row 16 KB ahead, if this thread's: see kPrefetch
+          for (int64_t o = 0; o < Kp; o += 64)
+            _mm_prefetch(reinterpret_cast<const char*>(wn + kPrefetch + o), _MM_HINT_T0);
         const float add = b_ptr ? b_ptr[n] : 0.0f;
         for (int64_t m = m0; m < m1; m += kTile) {
           const int64_t T = std::min(kTile, m1 - m);
