@@ -3,8 +3,10 @@
 Why our own: in a batch-1 decode step each weight matrix is read once from memory, so the kernel's read bandwidth
 sets the speed. fbgemm's int8 kernel (what torch offers) streams GPT-2-124M's 49 int8 matrices (124 MB) at
 12-20 GB/s with two threads on the AVX2 machine the benchmarks run on, where a plain sum reads memory at ~27 GB/s;
-kernels.cpp takes 5.4 vs 6.1 ms and 7.7 vs 10.1 ms in two runs, and the whole decode step runs ~13% faster (median
-of 10 alternating pairs in one process, twice: 1.13x and 1.14x). `python benchmarks/decode_profile.py
+kernels.cpp took 5.4 vs 6.1 ms and 7.7 vs 10.1 ms in two runs, and 6.9 vs 9.2 with its software prefetch, and the
+whole decode step runs 1.13-1.20x faster (medians of 10 alternating pairs in one process, three runs; the last with
+the prefetch). In benchmarks/decode.py's run with it, int8 batch 1 went from 0.63-0.65x llama.cpp q8_0 to 0.89x.
+`python benchmarks/decode_profile.py
 --precisions "" --int8-kernels 10` measures both. quant.Int8Kernel says when it runs and when fbgemm's does.
 
 The build needs a C++ compiler (g++ or clang) and ninja (a dependency), and an x86-64 CPU with AVX2 and FMA; it
