@@ -80,8 +80,9 @@ void quantize_row(const float* x, int64_t K, int8_t* q, uint8_t* magnitude, floa
 
 // The float32 value of one block's exact int32 dot product, as 8 partial sums.
 inline __m256 block_dot(__m256i w, const int8_t* q, const uint8_t* magnitude) {
-  const __m256i pairs = _mm256_maddubs_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(magnitude)),
-                                             _mm256_sign_epi8(w, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q))));
+  const __m256i signed_w = _mm256_sign_epi8(w, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q)));
+  const __m256i pairs =
+      _mm256_maddubs_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(magnitude)), signed_w);
   return _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
 }
 
