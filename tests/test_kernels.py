@@ -1,5 +1,6 @@
-"""kernels.cpp's int8 product against an exact float64 reference of its own arithmetic, batch invariance, the
-Int8Kernel's choice between it and fbgemm, and bad input."""
+"""kernels.cpp's int8 product against an exact float64 reference of its own arithmetic, its float32 product against
+float64, batch invariance, the Int8Kernel's and Float32Kernel's choices between them and torch's kernels, and bad
+input."""
 import shutil
 
 import pytest
@@ -36,7 +37,7 @@ def reference(x, q, scale, bias):
 
 @needs_kernels
 def test_kernels_build_where_a_compiler_and_avx2_exist(library):
-    assert library is not None and hasattr(library, "int8_linear")
+    assert library is not None and hasattr(library, "int8_linear") and hasattr(library, "f32_linear")
 
 
 @needs_kernels
@@ -91,6 +92,61 @@ def test_int8_kernel_uses_ours_for_one_row_and_fbgemm_for_several(library):
     ours_error = ((one - float_product[:1, :1]).norm() / float_product[:1, :1].norm()).item()
     fbgemm_error = ((several - float_product).norm() / float_product.norm()).item()
     assert ours_error < 0.01 and fbgemm_error < 0.05
+
+
+@needs_kernels
+@pytest.mark.parametrize("m, n, k, with_bias", [(1, 40, 64, True), (1, 300, 768, False), (3, 33, 70, True),
+                                                (4, 17, 15, False), (70, 24, 96, True)])
+def test_float32_product_equals_float64(library, m, n, k, with_bias):
+    g = torch.Generator().manual_seed(m + n + k)
+    x, w = torch.randn(m, k, generator=g) * 3, torch.randn(n, k, generator=g)
+    bias = torch.randn(n, generator=g) if with_bias else None
+    y = library.f32_linear(x, w, bias)
+    expected = x.double() @ w.double().t() + (0 if bias is None else bias.double())
+    # float32 rounding over k <= 768 terms: ~1e-6 of the magnitude; a skipped tail (k % 16) or bias is >= 1e-2
+    assert y.shape == (m, n) and (y.double() - expected).abs().max() <= 2e-5 * expected.abs().max()
+
+
+@needs_kernels
+def test_float32_rows_equal_their_results_alone(library):
+    g = torch.Generator().manual_seed(5)
+    x, w, bias = torch.randn(11, 80, generator=g), torch.randn(48, 80, generator=g), torch.randn(48, generator=g)
+    together = library.f32_linear(x, w, bias)
+    alone = torch.cat([library.f32_linear(x[i:i + 1].contiguous(), w, bias) for i in range(11)])
+    assert torch.equal(together, alone)
+    with pytest.raises(RuntimeError, match="x has 96 features, w 80"):
+        library.f32_linear(torch.randn(1, 96), w, None)
+    with pytest.raises(RuntimeError, match=r"w: contiguous float32 \[N, K\]"):
+        library.f32_linear(x, w.t().contiguous().t(), None)
+
+
+@needs_kernels
+def test_float32_kernel_uses_ours_up_to_four_rows_and_onednn_beyond(library):
+    g = torch.Generator().manual_seed(6)
+    weight, bias = torch.randn(64, 96, generator=g), torch.randn(64, generator=g)
+    kernel = quant.Float32Kernel(quant.kernel_layout(weight), bias)
+    assert kernel.own is not None
+    x = torch.randn(2, 3, 96, generator=g)
+    few = kernel(x[:, :2])  # 4 rows
+    assert torch.equal(few.reshape(4, 64), library.f32_linear(x[:, :2].reshape(4, 96).contiguous(), weight, bias))
+    several = kernel(x)  # 6 rows
+    assert several.shape == (2, 3, 64)
+    assert torch.allclose(several, F.linear(x, weight, bias), atol=1e-4, rtol=1e-5)
+    if quant._ONEDNN:
+        onednn = torch.ops.mkldnn._linear_pointwise(x, kernel.packed, bias, "none", [], "")
+        assert torch.equal(several, onednn)
+
+
+@needs_kernels
+def test_float32_matrices_beyond_the_cache_stay_column_major_for_torch(library, monkeypatch):
+    monkeypatch.setattr(quant.Float32Kernel, "OWN_MAX_BYTES", 64 * 96 * 4 - 1)
+    weight = torch.randn(64, 96)
+    laid_out = quant.kernel_layout(weight)
+    assert laid_out.t().is_contiguous() and torch.equal(laid_out, weight)
+    kernel = quant.Float32Kernel(laid_out, None)
+    assert kernel.own is None and kernel.blocks is not None
+    x = torch.randn(1, 96)
+    assert torch.allclose(kernel(x), x @ weight.t(), atol=1e-4, rtol=1e-5)
 
 
 def test_switched_off_by_the_environment(monkeypatch):

@@ -1,17 +1,19 @@
-"""tinyformer's own CPU kernel for int8 weights at batch 1 (kernels.cpp), compiled on first use.
+"""tinyformer's own CPU kernels for the few activation rows of a decode step (kernels.cpp), compiled on first use:
+int8 weights at one row, float32 weights up to 4 rows (quant.Int8Kernel and quant.Float32Kernel say when each runs).
 
-Why our own: in a batch-1 decode step each weight matrix is read once from memory, so the kernel's read bandwidth
-sets the speed. fbgemm's int8 kernel (what torch offers) streams GPT-2-124M's 49 int8 matrices (124 MB) at
-12-20 GB/s with two threads on the AVX2 machine the benchmarks run on, where a plain sum reads memory at ~27 GB/s;
+Why our own: in a decode step of one or a few rows each weight matrix is read once from memory, so the kernel's read
+bandwidth sets the speed. fbgemm's int8 kernel (what torch offers) streams GPT-2-124M's 49 int8 matrices (124 MB)
+at 12-20 GB/s with two threads on the AVX2 machine the benchmarks run on, where a plain sum reads memory at ~27 GB/s;
 kernels.cpp took 5.4 vs 6.1 ms and 7.7 vs 10.1 ms in two runs, and 6.9 vs 9.2 with its software prefetch, and the
 whole decode step runs 1.13-1.20x faster (medians of 10 alternating pairs in one process, three runs; the last with
 the prefetch). In benchmarks/decode.py's run with it, int8 batch 1 went from 0.63-0.65x llama.cpp q8_0 to 0.89x.
-`python benchmarks/decode_profile.py
---precisions "" --int8-kernels 10` measures both. quant.Int8Kernel says when it runs and when fbgemm's does.
+`python benchmarks/decode_profile.py --precisions "" --int8-kernels 10` measures both. In float32, MKL's and
+oneDNN's matrix-vector products read small matrices slowly (an opus-mt-sized decoder's 512-wide ones at ~14-16
+GB/s); f32_linear reads them at ~19-21 and made a beam-4 translation 1.31x faster.
 
 The build needs a C++ compiler (g++ or clang) and ninja (a dependency), and an x86-64 CPU with AVX2 and FMA; it
 takes ~10 s and is cached under ~/.cache/tinyformer (XDG_CACHE_HOME). Without them, or with TINYFORMER_KERNELS=0,
-`library()` returns None and fbgemm's kernel runs for every batch size.
+`library()` returns None and torch's kernels (fbgemm, oneDNN) run for every batch size.
 """
 from __future__ import annotations
 
@@ -77,14 +79,14 @@ def library():
         if lock.exists() and time.time() - lock.stat().st_mtime > 600:
             lock.unlink(missing_ok=True)
         if not (directory / "tinyformer_kernels.so").exists():
-            print("tinyformer: compiling the int8 CPU kernel (once, ~10 s)", file=sys.stderr, flush=True)
+            print("tinyformer: compiling its CPU kernels (once, ~15 s)", file=sys.stderr, flush=True)
         os.environ["PATH"] = ninja_on_path()
         load("tinyformer_kernels", [str(SOURCE)], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"],
              build_directory=str(directory), is_python_module=False, verbose=False)
         _library = torch.ops.tinyformer
     except Exception as error:  # no compiler, no ninja, a read-only home: fbgemm's kernel still works
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        print(f"tinyformer: int8 at batch 1 uses fbgemm's kernel (slower); building ours failed: {reason}",
+        print(f"tinyformer: few-row products use torch's kernels (slower); building ours failed: {reason}",
               file=sys.stderr)
         _library = None
     finally:

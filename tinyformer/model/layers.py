@@ -8,17 +8,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ModelConfig
-from .quant import FusedLinears, int8_linear, make_kernel, pack, quantize_int8
+from .quant import FusedLinears, int8_linear, kernel_layout, make_kernel, pack, quantize_int8
 
 
 class Linear(nn.Linear):
     """nn.Linear that can pre-pack its weight for fast CPU inference, and hold it as int8.
 
     A decode step is a matrix-vector product per weight, so speed is set by how the weight is laid out and which
-    kernel reads it. `pack()` lays the weight out column-major and builds the fastest kernel for its precision
-    (quant.make_kernel: oneDNN pre-packed float32, fbgemm float16 for 16-bit weights, int8 through our own
-    kernel at one row and fbgemm's at several). The kernel is used only without autograd and only while the weight
-    is unchanged (its version counter); state_dict, training and every other path see an ordinary nn.Linear. `quantize_int8()` replaces the weight by int8 values and a
+    kernel reads it. `pack()` lays the weight out as its kernel reads it (quant.kernel_layout) and builds the fastest
+    kernel for its precision (quant.make_kernel: our own kernels.cpp for float32 up to 4 rows and int8 at one row,
+    oneDNN pre-packed float32 and fbgemm int8 for more rows, fbgemm float16 for 16-bit weights). The kernel is used
+    only without autograd and only while the weight is unchanged (its version counter); state_dict, training and every other path see an ordinary nn.Linear. `quantize_int8()` replaces the weight by int8 values and a
     per-row `weight_scale` (quant.quantize_int8); such a layer is for inference only.
     """
 
@@ -31,8 +31,7 @@ class Linear(nn.Linear):
 
     def pack(self) -> None:
         if self.weight.dtype.is_floating_point:
-            with torch.no_grad():
-                self.weight.data = self.weight.data.t().contiguous().t()
+            self.weight.data = kernel_layout(self.weight.data)
         self._kernel = make_kernel(self.weight, self.bias, self.weight_scale)
         self._packed_version = self._weight_version()
 

@@ -150,32 +150,45 @@ _FBGEMM = "fbgemm" in torch.backends.quantized.supported_engines and hasattr(tor
 
 
 class Float32Kernel:
-    """One row: the column-major weight viewed as SPLITS blocks of input features, one batched product over the
-    blocks and a sum of their partial results; several rows: oneDNN's pre-packed copy.
+    """Up to OWN_ROWS activation rows (a decode step of a few rows or beams): kernels.cpp's f32_linear, which
+    streams the weight in nn.Linear's own row-major layout; more rows: oneDNN's pre-packed copy.
 
-    Why split one row: a single matrix-vector product (MKL's or oneDNN's) reads the weight at 12-22 GB/s here with
-    two threads, well below the 31 GB/s the two cores read together; torch.bmm gives each thread its own blocks, and
-    reads it at 17-33 GB/s (benchmarks/decode.py's weight shapes, measured one at a time from memory, not cache). The
-    blocks are a view of the column-major weight, so this costs no memory; SPLITS is fixed, so the sum's order, and
-    the result, does not depend on the thread count."""
+    Why our own for few rows: a matrix-vector product by MKL or oneDNN reads the weight at 12-22 GB/s here with two
+    threads, below the ~27 GB/s the two cores read together. Measured on the 37 matrices of an opus-mt-sized decoder
+    step (104 MB, medians of alternating runs): 5.0-5.7 vs 6.3-6.4 ms at 1 row, 5.4 vs 7.7 at 2, 5.5 vs 7.5 at 4
+    (against oneDNN from 2 rows), 8.7 vs 9.4 at 8; GPT-2's 49 (494 MB): 20.6 vs 17.4-21.5 at 1, 24.5 vs 26.7 at 2,
+    27.5 vs 29.9 at 4, 45.6 vs 41.2 at 8. Without kernels.cpp, one row runs as a batched product over SPLITS blocks
+    of the column-major weight (kernel_layout) and a sum of their partial results, which torch.bmm spreads over the
+    threads (17-33 GB/s); SPLITS is fixed, so the sum's order, and the result, does not depend on the thread count."""
 
     SPLITS = 2
+    OWN_ROWS = 4
+    # Beyond the last-level cache's size MKL's batched product streams a matrix faster than f32_linear: GPT-2's
+    # 154 MB output matrix at 25.4 vs 21.8 GB/s (5.5 vs 6.2 ms in a decode step); kernel_layout keeps those
+    # column-major, for that product at one row and oneDNN's at several.
+    OWN_MAX_BYTES = 32 << 20
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
-        self.weight, self.bias = weight, bias
+        self.weight, self.bias = weight.detach(), None if bias is None else bias.detach()
         self.out_features, in_features = weight.shape
+        library = kernels.library()
+        self.own = library.f32_linear.default if library is not None and weight.is_contiguous() else None
         self.blocks = None
-        if weight.t().is_contiguous() and in_features % self.SPLITS == 0:
-            self.blocks = weight.detach().t().view(self.SPLITS, in_features // self.SPLITS, self.out_features)
+        if self.own is None and weight.t().is_contiguous() and in_features % self.SPLITS == 0:
+            self.blocks = self.weight.t().view(self.SPLITS, in_features // self.SPLITS, self.out_features)
         self.packed = None
         if _ONEDNN:
             try:
-                self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 8)
+                self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight, 8)
             except (RuntimeError, AttributeError):  # an unusual build: keep the plain path
                 self.packed = None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if x.numel() > x.shape[-1]:
+        rows = x.numel() // x.shape[-1]
+        if self.own is not None and rows <= self.OWN_ROWS:
+            return self.own(x.reshape(rows, -1).contiguous(), self.weight, self.bias).view(*x.shape[:-1],
+                                                                                          self.out_features)
+        if rows > 1:
             if self.packed is not None:
                 return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         elif self.blocks is not None:
@@ -184,6 +197,16 @@ class Float32Kernel:
                 y += self.bias
             return y.view(*x.shape[:-1], self.out_features)
         return F.linear(x, self.weight, self.bias)
+
+
+def kernel_layout(weight: torch.Tensor) -> torch.Tensor:
+    """The weight laid out as its kernel reads it: float32 column-major for Float32Kernel's batched one-row product
+    when kernels.cpp is missing or the matrix is larger than OWN_MAX_BYTES, else as it is (row-major, which
+    kernels.cpp reads; 16-bit and int8 kernels pack their own copies)."""
+    if weight.dtype == torch.float32 and weight.device.type == "cpu" and (
+            kernels.library() is None or weight.numel() * 4 > Float32Kernel.OWN_MAX_BYTES):
+        return weight.t().contiguous().t()
+    return weight.contiguous()
 
 
 class Int8Kernel:
@@ -257,9 +280,7 @@ class FusedLinears:
         self.kernel = None
         if len({(w.dtype, w.device) for w in weights}) == 1 and (all(s is None for s in scales)
                                                                  or all(s is not None for s in scales)):
-            weight = torch.cat(weights)
-            if weight.is_floating_point():
-                weight = weight.t().contiguous().t()  # column-major, as Linear.pack lays out
+            weight = kernel_layout(torch.cat(weights))
             has_bias = any(layer.bias is not None for layer in self.layers)
             self.kernel = make_kernel(weight, torch.cat(biases) if has_bias else None,
                                       torch.cat(scales) if scales[0] is not None else None)
