@@ -10,8 +10,8 @@ loaded like any other (safetensors).
 The kernel per precision was chosen by timing the candidates on GPT-2-124M's 49 weight matrices, one token's worth
 (ms for all 49 at 1 row / 8 rows; 2-core AMD EPYC VM with AVX2 but no AVX-512, torch 2.13, one thread so that
 OpenMP wake-ups, which cost ~12 ms each on this VM, do not hide the kernels; issue 9 has an AVX-512 machine's):
-- float32: column-major F.linear 19.4 / 88.8, oneDNN pre-packed 23.0 / 55.8: one row column-major, several rows
-  pre-packed.
+- float32: column-major F.linear 19.4 / 88.8, oneDNN pre-packed 23.0 / 55.8: several rows pre-packed; up to 4 rows
+  now through our own kernel (kernels.cpp, see Float32Kernel), which beats both below 32 MB a matrix.
 - bfloat16 / float16: fbgemm's float16 kernel (`linear_dynamic_fp16`: weights packed as float16, float32
   accumulation) 16.4 / 33.9. F.linear in bfloat16 is 10-20x slower than float32 without AVX-512, and oneDNN refuses
   to pre-pack bfloat16 there; on the AVX-512 machine fbgemm float16 still beat pre-packed bfloat16 (8.0 vs 8.9 ms).
