@@ -19,12 +19,12 @@ OpenMP wake-ups, which cost ~12 ms each on this VM, do not hide the kernels; iss
 - int8: fbgemm's dynamically quantized linear (`quantized.linear_dynamic`: activations quantized per call to
   uint8, int8 weights, int32 accumulation) 11.9 / 22.6. Slower: `aten._weight_int8pack_mm` (plain tensors,
   weight-only) 19.6 / 68.3 with bfloat16 activations; with float32 ones, and torchao 0.18's int8 configs, were
-  50-70x slower than fbgemm at one row in a (busy) two-thread run. fbgemm is reached through torch's quantized-tensor API,
-  deprecated in 2.13 with no CPU successor yet, so its deprecation warning is silenced where we build the packed
-  weight, and `_weight_int8pack_mm` runs wherever fbgemm is missing or autograd is on. At one row our own kernel
-  (kernels.cpp, see Int8Kernel) beats fbgemm with two threads: 5.4 vs 6.1 and 7.7 vs 10.1 ms in two runs. A
-  bfloat16 version of it was no faster than fbgemm's float16 kernel (9.3 vs 9.0 ms: both read at the memory
-  bandwidth) and was dropped.
+  50-70x slower than fbgemm at one row in a (busy) two-thread run. fbgemm is reached through torch's
+  quantized-tensor API, deprecated in 2.13 with no CPU successor yet, so its deprecation warning is silenced where
+  we build the packed weight, and `_weight_int8pack_mm` runs wherever fbgemm is missing or autograd is on. At one
+  row our own kernel (kernels.cpp, see Int8Kernel) beats fbgemm with two threads: 5.4 vs 6.1 and 7.7 vs 10.1 ms
+  in two runs. A bfloat16 version of it was no faster than fbgemm's float16 kernel (9.3 vs 9.0 ms: both read at
+  the memory bandwidth) and was dropped.
 """
 from __future__ import annotations
 
