@@ -149,6 +149,47 @@ def test_float32_matrices_beyond_the_cache_stay_column_major_for_torch(library, 
     assert torch.allclose(kernel(x), x @ weight.t(), atol=1e-4, rtol=1e-5)
 
 
+@needs_kernels
+@pytest.mark.parametrize("b, heads, kv_heads, t, s, d, masked", [(1, 12, 12, 1, 100, 64, False),
+                                                                 (3, 8, 2, 1, 37, 64, True),
+                                                                 (2, 4, 4, 4, 13, 72, True),
+                                                                 (2, 2, 1, 1, 301, 20, True),
+                                                                 (1, 3, 3, 1, 1, 64, False)])
+def test_decode_attention_equals_float64_attention(library, b, heads, kv_heads, t, s, d, masked):
+    g = torch.Generator().manual_seed(b + heads + s + d)
+    # q as the fused q/k/v product's columns and k, v as a KV cache's first s slots: strided views, read in place
+    q = torch.randn(b, t, 3, heads, d, generator=g)[:, :, 0].transpose(1, 2) * 2
+    k = torch.randn(b, kv_heads, s + 7, d, generator=g)[:, :, :s] * 2
+    v = torch.randn(b, kv_heads, s + 7, d, generator=g)[:, :, :s]
+    mask = None
+    if masked:
+        mask = torch.rand(b, 1, 1, s, generator=g) > 0.4
+        mask[..., -1] = True
+    out = library.decode_attention(q, k, v, mask)
+    expected = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask,
+                                              enable_gqa=heads != kv_heads).transpose(1, 2)
+    # outputs are averages of values ~N(0, 1); float32 rounding gives ~1e-6, a wrong scale, mask or head >= 1e-2
+    assert out.shape == (b, t, heads, d) and out.is_contiguous()
+    assert (out.double() - expected).abs().max() < 2e-5
+
+
+@needs_kernels
+def test_decode_attention_ignores_masked_keys_bit_for_bit(library):
+    g = torch.Generator().manual_seed(7)
+    q, k, v = torch.randn(1, 4, 1, 64, generator=g), torch.randn(1, 4, 9, 64, generator=g), torch.randn(1, 4, 9, 64,
+                                                                                                         generator=g)
+    alone = library.decode_attention(q, k, v, None)
+    # the same row left-padded by 6 slots of garbage (a row of a padded batch): exactly the same result
+    pad = torch.randn(1, 4, 6, 64, generator=g) * 100
+    mask = torch.arange(15).view(1, 1, 1, 15) >= 6
+    padded = library.decode_attention(q, torch.cat((pad, k), 2), torch.cat((pad, v), 2), mask)
+    assert torch.equal(padded, alone)
+    with pytest.raises(RuntimeError, match=r"k and v \[1, a divisor of 4, S, 64\]"):
+        library.decode_attention(q, k[:, :3], v[:, :3], None)
+    with pytest.raises(RuntimeError, match=r"mask: bool \[batch, 1, length or 1, keys\]"):
+        library.decode_attention(q, k, v, mask.float())
+
+
 def test_switched_off_by_the_environment(monkeypatch):
     monkeypatch.setenv("TINYFORMER_KERNELS", "0")
     assert not kernels.supported()

@@ -25,6 +25,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
@@ -228,9 +229,135 @@ at::Tensor f32_linear(const at::Tensor& x, const at::Tensor& w, const c10::optio
   return y;
 }
 
+// ----------------------------------------------------------------------------------------------------- attention
+
+// e^x for x <= 0 (a score minus the row's maximum), within 2 ulp; below -87 it is 0, as float32 underflows there.
+// e^x = 2^n e^r with n = round(x / ln 2) and |r| <= ln(2) / 2, e^r by its Taylor polynomial to degree 6.
+inline __m256 exp_nonpositive(__m256 x) {
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145752f), x);  // ln 2 in two parts, so r stays exact
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.42860677e-06f), r);
+  __m256 p = _mm256_set1_ps(1.0f / 720);
+  for (float c : {1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f}) p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+  const __m256i exponent = _mm256_slli_epi32(_mm256_cvtps_epi32(n), 23);
+  const __m256 e = _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(p), exponent));
+  return _mm256_and_ps(e, _mm256_cmp_ps(x, _mm256_set1_ps(-87.0f), _CMP_GT_OQ));
+}
+
+// Dot products of q with 4 keys (4 independent FMA chains; one chain a key waited on the FMA latency, ~3x slower).
+// Each key's sum is reduced by the same tree whichever of the 4 slots it is in.
+inline void dot4(const float* q, const float* const key[4], int64_t D, float* out) {
+  __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+  int64_t d = 0;
+  for (; d + 8 <= D; d += 8) {
+    const __m256 x = _mm256_loadu_ps(q + d);
+    for (int j = 0; j < 4; j++) acc[j] = _mm256_fmadd_ps(x, _mm256_loadu_ps(key[j] + d), acc[j]);
+  }
+  const __m256 pairs = _mm256_hadd_ps(_mm256_hadd_ps(acc[0], acc[1]), _mm256_hadd_ps(acc[2], acc[3]));
+  _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(pairs), _mm256_extractf128_ps(pairs, 1)));
+  for (; d < D; d++)
+    for (int j = 0; j < 4; j++) out[j] += q[d] * key[j][d];
+}
+
+// out[0:8 * V] += sum over keys of p[s] * value s, the 8 * V sums kept in registers.
+template <int V>
+void add_weighted_values(const float* p, const float* v, int64_t v_stride, int64_t S, float* out) {
+  __m256 acc[V];
+  for (int j = 0; j < V; j++) acc[j] = _mm256_loadu_ps(out + 8 * j);
+  for (int64_t s = 0; s < S; s++) {
+    if (p[s] == 0.0f) continue;  // masked or underflowed: adds nothing
+    const __m256 weight = _mm256_set1_ps(p[s]);
+    for (int j = 0; j < V; j++) acc[j] = _mm256_fmadd_ps(weight, _mm256_loadu_ps(v + s * v_stride + 8 * j), acc[j]);
+  }
+  for (int j = 0; j < V; j++) _mm256_storeu_ps(out + 8 * j, acc[j]);
+}
+
+// softmax(q k^T / sqrt(D)) v for one query row over S keys; keys whose mask entry is false get weight 0. A key's
+// score and weight do not depend on its index or on the other keys, and the sums over keys run in key order and skip
+// weights of 0, so padding keys leave the result unchanged bit for bit (a row in a padded batch equals it alone).
+void attend_row(const float* q, const float* k, int64_t k_stride, const float* v, int64_t v_stride,
+                const bool* mask, int64_t mask_stride, int64_t S, int64_t D, float scale, float* scores, float* out) {
+  for (int64_t s = 0; s < S; s += 4) {
+    const float* key[4];
+    for (int j = 0; j < 4; j++) key[j] = k + std::min(s + j, S - 1) * k_stride;
+    float dots[4];
+    dot4(q, key, D, dots);
+    for (int j = 0; j < 4 && s + j < S; j++) scores[s + j] = dots[j] * scale;
+  }
+  float top = -INFINITY;
+  for (int64_t s = 0; s < S; s++) {
+    if (mask && !mask[s * mask_stride]) scores[s] = -INFINITY;
+    top = std::max(top, scores[s]);
+  }
+  std::fill(out, out + D, 0.0f);
+  if (top == -INFINITY) return;  // every key masked (callers always leave a row its own key)
+  const __m256 shift = _mm256_set1_ps(top);
+  int64_t s = 0;
+  for (; s + 8 <= S; s += 8)
+    _mm256_storeu_ps(scores + s, exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(scores + s), shift)));
+  if (s < S) {
+    float tail[8];
+    std::fill(tail, tail + 8, -INFINITY);
+    std::copy(scores + s, scores + S, tail);
+    _mm256_storeu_ps(tail, exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(tail), shift)));
+    std::copy(tail, tail + (S - s), scores + s);
+  }
+  float total = 0.0f;
+  for (s = 0; s < S; s++) total += scores[s];
+  int64_t d = 0;
+  for (; d + 64 <= D; d += 64) add_weighted_values<8>(scores, v + d, v_stride, S, out + d);
+  for (; d + 8 <= D; d += 8) add_weighted_values<1>(scores, v + d, v_stride, S, out + d);
+  for (; d < D; d++)
+    for (s = 0; s < S; s++) out[d] += scores[s] * v[s * v_stride + d];
+  const float inverse = 1.0f / total;
+  for (d = 0; d < D; d++) out[d] *= inverse;
+}
+
+// Attention of a decode step: q [B, H, T, D], k and v [B, Hkv, S, D] (H a multiple of Hkv, the heads of a group
+// sharing their keys; any strides with D contiguous, so the KV cache's views and the fused q/k/v product's columns
+// are read in place), mask bool broadcastable to [B, 1, T, S] or None -> [B, T, H, D] contiguous, which is the
+// output projection's input as it is. No causal mask: the T queries see the same keys (a step's one token, or the
+// beams of one source folded into T for cross-attention).
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                            const c10::optional<at::Tensor>& mask) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "q, k, v: [batch, heads, length, head_dim]");
+  TORCH_CHECK(q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat,
+              "q, k, v: float32");
+  const int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3), Hkv = k.size(1), S = k.size(2);
+  TORCH_CHECK(k.size(0) == B && v.sizes() == k.sizes() && k.size(3) == D && Hkv > 0 && H % Hkv == 0,
+              "k and v [", B, ", a divisor of ", H, ", S, ", D, "], got ", k.sizes(), " and ", v.sizes());
+  TORCH_CHECK(q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1, "q, k, v: head_dim contiguous");
+  at::Tensor m;
+  if (mask.has_value()) {
+    TORCH_CHECK(mask->scalar_type() == at::kBool && mask->dim() == 4 && mask->size(1) == 1,
+                "mask: bool [batch, 1, length or 1, keys]");
+    m = mask->expand({B, 1, T, S});
+  }
+  auto y = at::empty({B, T, H, D}, q.options());
+  const float *Q = q.data_ptr<float>(), *K = k.data_ptr<float>(), *V = v.data_ptr<float>();
+  const bool* M = m.defined() ? m.data_ptr<bool>() : nullptr;
+  float* Y = y.data_ptr<float>();
+  const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+  // One thread when the whole call is small (a batch-1 step: ~10 us), as waking the other costs more than it saves.
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 18) / std::max<int64_t>(1, S * D));
+  at::parallel_for(0, B * H * T, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores(S);
+    for (int64_t i = begin; i < end; i++) {
+      const int64_t b = i / (H * T), h = i / T % H, t = i % T, g = h / (H / Hkv);
+      attend_row(Q + b * q.stride(0) + h * q.stride(1) + t * q.stride(2),
+                 K + b * k.stride(0) + g * k.stride(1), k.stride(2),
+                 V + b * v.stride(0) + g * v.stride(1), v.stride(2),
+                 M ? M + b * m.stride(0) + t * m.stride(2) : nullptr, M ? m.stride(3) : 0,
+                 S, D, scale, scores.data(), Y + ((b * T + t) * H + h) * D);
+    }
+  });
+  return y;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(tinyformer, m) {
   m.def("int8_linear(Tensor x, Tensor w, Tensor w_scale, Tensor? bias) -> Tensor", &int8_linear);
   m.def("f32_linear(Tensor x, Tensor w, Tensor? bias) -> Tensor", &f32_linear);
+  m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor? mask) -> Tensor", &decode_attention);
 }

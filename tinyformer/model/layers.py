@@ -7,6 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import kernels
 from .config import ModelConfig
 from .quant import FusedLinears, int8_linear, kernel_layout, make_kernel, pack, quantize_int8
 
@@ -131,12 +132,16 @@ class Attention(nn.Module):
         self.dropout = config.dropout
         self.last_weights: torch.Tensor | None = None  # filled when record_attention is on
         self._qkv: FusedLinears | None = None
+        self._decode_attention = None  # kernels.cpp's, set by pack
 
     def pack(self) -> None:
         """After the Linears are packed (quant.pack): self-attention's q, k and v as one product (cross-attention
-        reads k and v from the encoder's output, so there is nothing to fuse)."""
+        reads k and v from the encoder's output, so there is nothing to fuse), and a decode step's attention through
+        kernels.cpp (see forward)."""
         if not self.cross:
             self._qkv = FusedLinears([self.q_proj, self.k_proj, self.v_proj])
+        library = kernels.library()
+        self._decode_attention = None if library is None else library.decode_attention.default
 
     def project_kv(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         B, S, _ = h.shape
@@ -172,6 +177,13 @@ class Attention(nn.Module):
             if cache is not None:
                 k, v = cache.write(self.layer_index, k, v)
         attn_mask, is_causal = mask
+        if (T == 1 and self._decode_attention is not None and not record_attention and q.dtype == torch.float32
+                and q.device.type == "cpu" and not torch.is_grad_enabled()):
+            # One query a row (G beams' folded into one source's): kernels.cpp reads the cache in place and writes
+            # the output projection's input layout. SDPA's CPU kernel spreads 12 (row, head) pairs over the threads
+            # and waits for them: ~60 us a call in a GPT-2 batch-1 step where this takes ~10.
+            out = self._decode_attention(q, k, v, attn_mask)
+            return self.o_proj(out.view(B, T, self.n_heads * self.head_dim))
         if record_attention:
             self.last_weights = _unfold(_attention_weights(q, k, attn_mask, is_causal), G, T)
         out = F.scaled_dot_product_attention(
