@@ -26,7 +26,7 @@ from torch.profiler import ProfilerActivity, profile
 
 MATMUL_OPS = ("aten::addmm", "aten::mm", "aten::bmm", "aten::linear", "aten::matmul", "mkldnn::_linear_pointwise",
               "quantized::linear_dynamic", "quantized::linear_dynamic_fp16", "aten::_weight_int8pack_mm",
-              "tinyformer::int8_linear", "tinyformer::f32_linear")
+              "tinyformer::int8_linear", "tinyformer::float_linear")
 
 
 def build(precision: str, seed: int):

@@ -37,7 +37,7 @@ def reference(x, q, scale, bias):
 
 @needs_kernels
 def test_kernels_build_where_a_compiler_and_avx2_exist(library):
-    assert library is not None and hasattr(library, "int8_linear") and hasattr(library, "f32_linear")
+    assert library is not None and hasattr(library, "int8_linear") and hasattr(library, "float_linear")
 
 
 @needs_kernels
@@ -101,23 +101,51 @@ def test_float32_product_equals_float64(library, m, n, k, with_bias):
     g = torch.Generator().manual_seed(m + n + k)
     x, w = torch.randn(m, k, generator=g) * 3, torch.randn(n, k, generator=g)
     bias = torch.randn(n, generator=g) if with_bias else None
-    y = library.f32_linear(x, w, bias)
+    y = library.float_linear(x, w, bias)
     expected = x.double() @ w.double().t() + (0 if bias is None else bias.double())
     # float32 rounding over k <= 768 terms: ~1e-6 of the magnitude; a skipped tail (k % 16) or bias is >= 1e-2
     assert y.shape == (m, n) and (y.double() - expected).abs().max() <= 2e-5 * expected.abs().max()
 
 
 @needs_kernels
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m, n, k", [(1, 40, 64), (3, 33, 70), (4, 17, 15), (2, 300, 768)])
+def test_16_bit_weights_multiply_exactly_as_float32(library, dtype, m, n, k):
+    g = torch.Generator().manual_seed(m + n + k)
+    x, w, bias = torch.randn(m, k, generator=g), torch.randn(n, k, generator=g).to(dtype), torch.randn(n, generator=g)
+    y = library.float_linear(x, w, bias)
+    # the 16-bit values widen exactly, so only float32 rounding remains; a misplaced weight is >= 1e-2
+    expected = x.double() @ w.double().t() + bias.double()
+    assert (y.double() - expected).abs().max() <= 2e-5 * expected.abs().max()
+    assert torch.equal(y, torch.cat([library.float_linear(x[i:i + 1].contiguous(), w, bias) for i in range(m)]))
+
+
+@needs_kernels
+def test_16_bit_kernel_uses_ours_up_to_four_rows_and_fbgemm_beyond(library):
+    if not quant._FBGEMM:
+        pytest.skip("needs fbgemm")
+    g = torch.Generator().manual_seed(8)
+    weight, bias = torch.randn(64, 96, generator=g).bfloat16(), torch.randn(64, generator=g)
+    kernel = quant.Float16Kernel(weight, bias)
+    x = torch.randn(2, 3, 96, generator=g)
+    few = kernel(x[:, :2])
+    assert torch.equal(few.reshape(4, 64), library.float_linear(x[:, :2].reshape(4, 96).contiguous(), weight, bias))
+    several = kernel(x)
+    assert torch.equal(several, torch.ops.quantized.linear_dynamic_fp16(x.reshape(6, 96), kernel.packed).view(2, 3, 64))
+    assert torch.allclose(several, F.linear(x, weight.float(), bias), atol=1e-3, rtol=1e-3)
+
+
+@needs_kernels
 def test_float32_rows_equal_their_results_alone(library):
     g = torch.Generator().manual_seed(5)
     x, w, bias = torch.randn(11, 80, generator=g), torch.randn(48, 80, generator=g), torch.randn(48, generator=g)
-    together = library.f32_linear(x, w, bias)
-    alone = torch.cat([library.f32_linear(x[i:i + 1].contiguous(), w, bias) for i in range(11)])
+    together = library.float_linear(x, w, bias)
+    alone = torch.cat([library.float_linear(x[i:i + 1].contiguous(), w, bias) for i in range(11)])
     assert torch.equal(together, alone)
     with pytest.raises(RuntimeError, match="x has 96 features, w 80"):
-        library.f32_linear(torch.randn(1, 96), w, None)
-    with pytest.raises(RuntimeError, match=r"w: contiguous float32 \[N, K\]"):
-        library.f32_linear(x, w.t().contiguous().t(), None)
+        library.float_linear(torch.randn(1, 96), w, None)
+    with pytest.raises(RuntimeError, match=r"w: contiguous float32, bfloat16 or float16 \[N, K\]"):
+        library.float_linear(x, w.t().contiguous().t(), None)
 
 
 @needs_kernels
@@ -128,7 +156,7 @@ def test_float32_kernel_uses_ours_up_to_four_rows_and_onednn_beyond(library):
     assert kernel.own is not None
     x = torch.randn(2, 3, 96, generator=g)
     few = kernel(x[:, :2])  # 4 rows
-    assert torch.equal(few.reshape(4, 64), library.f32_linear(x[:, :2].reshape(4, 96).contiguous(), weight, bias))
+    assert torch.equal(few.reshape(4, 64), library.float_linear(x[:, :2].reshape(4, 96).contiguous(), weight, bias))
     several = kernel(x)  # 6 rows
     assert several.shape == (2, 3, 64)
     assert torch.allclose(several, F.linear(x, weight, bias), atol=1e-4, rtol=1e-5)

@@ -1,7 +1,8 @@
 // Matrix products for inference on x86 CPUs with AVX2 and FMA, for the few activation rows of a decode step
 // (kernels.py builds this file on first use and says why it exists), x and y float32:
 // - int8_linear: y[M, N] = x[M, K] @ (w[N, K] * w_scale[N])^T (+ bias), w int8.
-// - f32_linear: y[M, N] = x[M, K] @ w[N, K]^T (+ bias), w float32 (nn.Linear's own layout).
+// - float_linear: y[M, N] = x[M, K] @ w[N, K]^T (+ bias), w float32, bfloat16 or float16 (nn.Linear's own layout).
+// - decode_attention: a decode step's attention, each row's one query over its cached keys.
 //
 // int8: each activation row is quantized per block of 32 values to int8 with its own scale (llama.cpp's q8_0 does
 // the same), and each block's dot product is exact in int32: maddubs(|q|, sign(w, q)) multiplies |q| (unsigned) by
@@ -18,6 +19,8 @@
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 #include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
@@ -182,50 +185,114 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   return y;
 }
 
-// ------------------------------------------------------------------------------------------------------- float32
+// ------------------------------------------------------------------------------------------------- float weights
 
-// One float32 weight row times T activation rows (T <= kTile), two accumulators per row.
-template <int T>
-void f32_row(const float* w, const float* x, int64_t K, float* out) {
-  __m256 acc[T][2];
-  for (int t = 0; t < T; t++) acc[t][0] = acc[t][1] = _mm256_setzero_ps();
+// 16 weights as two vectors of float32, w0 and w1, and the activations they multiply, x0 and x1. float32 and
+// float16 (F16C conversion, exact): weights k..k+7 and k+8..k+15. bfloat16, whose 16 bits are a float32's high
+// half: one 32-byte load gives the odd-numbered weights by masking off the low halves and the even-numbered ones by
+// shifting them up (two cheap integer ops, exact, where widening 8 values at a time took shuffles and left the
+// kernel at ~15 GB/s); the activations are read from a copy with each block of 16 reordered evens first
+// (deinterleave_bf16_blocks).
+inline void load16(const float* w, __m256& w0, __m256& w1) { w0 = _mm256_loadu_ps(w); w1 = _mm256_loadu_ps(w + 8); }
+inline void load16(const at::Half* w, __m256& w0, __m256& w1) {
+  w0 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w)));
+  w1 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 8)));
+}
+inline void load16(const at::BFloat16* w, __m256& w0, __m256& w1) {
+  const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
+  w0 = _mm256_castsi256_ps(_mm256_slli_epi32(bits, 16));                         // weights k, k+2, ..., k+14
+  w1 = _mm256_castsi256_ps(_mm256_and_si256(bits, _mm256_set1_epi32(-65536)));  // weights k+1, ..., k+15
+}
+
+// Each row of x [M, K] with every whole block of 16 values reordered as its 8 even-indexed values then its 8 odd
+// ones (the order load16 gives bfloat16 weights in); the tail past the last whole block stays as it is.
+void deinterleave_bf16_blocks(const float* x, int64_t M, int64_t K, float* out) {
+  for (int64_t m = 0; m < M; m++) {
+    const float* row = x + m * K;
+    float* to = out + m * K;
+    int64_t k = 0;
+    for (; k + 16 <= K; k += 16)
+      for (int j = 0; j < 8; j++) {
+        to[k + j] = row[k + 2 * j];
+        to[k + 8 + j] = row[k + 2 * j + 1];
+      }
+    std::copy(row + k, row + K, to + k);
+  }
+}
+
+// One weight row times T activation rows (T <= kTile), 2 * U accumulators per row, U blocks of 16 weights an
+// iteration. 16-bit weights take U = 2: with two, each FMA waited on the one before it in its chain, and one row
+// streamed at 16 bytes a ~5-cycle FMA latency (~20 GB/s for GPT-2's bfloat16 matrices on two cores). U does not
+// depend on T, so a row's sum runs in the same order in any tile.
+template <int T, class Weight>
+void float_row(const Weight* w, const float* x, int64_t K, float* out) {
+  constexpr int U = sizeof(Weight) == 2 ? 2 : 1;
+  __m256 acc[T][2 * U];
+  for (int t = 0; t < T; t++)
+    for (int a = 0; a < 2 * U; a++) acc[t][a] = _mm256_setzero_ps();
   int64_t k = 0;
-  for (; k + 16 <= K; k += 16) {
-    const __m256 w0 = _mm256_loadu_ps(w + k), w1 = _mm256_loadu_ps(w + k + 8);
+  for (; k + 16 * U <= K; k += 16 * U) {
+    for (int u = 0; u < U; u++) {
+      __m256 w0, w1;
+      load16(w + k + 16 * u, w0, w1);
+      for (int t = 0; t < T; t++) {
+        acc[t][2 * u] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + t * K + k + 16 * u), acc[t][2 * u]);
+        acc[t][2 * u + 1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + t * K + k + 16 * u + 8), acc[t][2 * u + 1]);
+      }
+    }
+  }
+  for (; k + 16 <= K; k += 16) {  // a last block of 16 when U = 2
+    __m256 w0, w1;
+    load16(w + k, w0, w1);
     for (int t = 0; t < T; t++) {
       acc[t][0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + t * K + k), acc[t][0]);
       acc[t][1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + t * K + k + 8), acc[t][1]);
     }
   }
   for (int t = 0; t < T; t++) {
-    float sum = horizontal_sum(_mm256_add_ps(acc[t][0], acc[t][1]));
-    for (int64_t j = k; j < K; j++) sum += w[j] * x[t * K + j];
+    __m256 total = _mm256_add_ps(acc[t][0], acc[t][1]);
+    if (U == 2) total = _mm256_add_ps(total, _mm256_add_ps(acc[t][2], acc[t][3]));
+    float sum = horizontal_sum(total);
+    for (int64_t j = k; j < K; j++) sum += static_cast<float>(w[j]) * x[t * K + j];
     out[t] = sum;
   }
 }
 
-at::Tensor f32_linear(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias) {
+template <class Weight>
+void float_product(const float* X, const Weight* W, const float* bias, int64_t M, int64_t N, int64_t K, float* Y) {
+  // No software prefetch: with a quarter of int8's instructions per byte the hardware prefetcher keeps up (16 KB
+  // ahead measured 0-7% slower for float32 on the 37 matrices of an opus-mt-sized decoder and GPT-2's 49).
+  for_each_weight_row(M, N, reinterpret_cast<const char*>(W), K * sizeof(Weight), 0, Y,
+                      [&](int64_t n, int64_t m, auto tile, float* out) {
+    constexpr int T = decltype(tile)::value;
+    float_row<T>(W + n * K, X + m * K, K, out);
+    if (bias)
+      for (int t = 0; t < T; t++) out[t] += bias[n];
+  });
+}
+
+at::Tensor float_linear(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x: contiguous float32 [M, K]");
-  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kFloat && w.is_contiguous(), "w: contiguous float32 [N, K]");
+  const auto type = w.scalar_type();
+  TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && (type == at::kFloat || type == at::kBFloat16 || type == at::kHalf),
+              "w: contiguous float32, bfloat16 or float16 [N, K]");
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
   TORCH_CHECK(w.size(1) == K, "x has ", K, " features, w ", w.size(1));
   const float* b_ptr = nullptr;
   if (bias.has_value()) {
-    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->numel() == N && bias->is_contiguous(), "bias");
+    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->numel() == N && bias->is_contiguous(), "bias: float32 [N]");
     b_ptr = bias->data_ptr<float>();
   }
   auto y = at::empty({M, N}, x.options());
   const float* X = x.data_ptr<float>();
-  const float* W = w.data_ptr<float>();
-  // No software prefetch: with a quarter of int8's instructions per byte the hardware prefetcher keeps up (16 KB
-  // ahead measured 0-7% slower on the 37 matrices of an opus-mt-sized decoder and GPT-2's 49).
-  for_each_weight_row(M, N, reinterpret_cast<const char*>(W), K * 4, 0, y.data_ptr<float>(),
-                      [&](int64_t n, int64_t m, auto tile, float* out) {
-    constexpr int T = decltype(tile)::value;
-    f32_row<T>(W + n * K, X + m * K, K, out);
-    if (b_ptr)
-      for (int t = 0; t < T; t++) out[t] += b_ptr[n];
-  });
+  if (type == at::kFloat) float_product(X, w.data_ptr<float>(), b_ptr, M, N, K, y.data_ptr<float>());
+  if (type == at::kBFloat16) {
+    thread_local std::vector<float> reordered;  // reused from call to call, as int8_linear's workspace
+    reordered.resize(static_cast<size_t>(M * K));
+    deinterleave_bf16_blocks(X, M, K, reordered.data());
+    float_product(reordered.data(), w.data_ptr<at::BFloat16>(), b_ptr, M, N, K, y.data_ptr<float>());
+  }
+  if (type == at::kHalf) float_product(X, w.data_ptr<at::Half>(), b_ptr, M, N, K, y.data_ptr<float>());
   return y;
 }
 
@@ -358,6 +425,6 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
 
 TORCH_LIBRARY(tinyformer, m) {
   m.def("int8_linear(Tensor x, Tensor w, Tensor w_scale, Tensor? bias) -> Tensor", &int8_linear);
-  m.def("f32_linear(Tensor x, Tensor w, Tensor? bias) -> Tensor", &f32_linear);
+  m.def("float_linear(Tensor x, Tensor w, Tensor? bias) -> Tensor", &float_linear);
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor? mask) -> Tensor", &decode_attention);
 }

@@ -1,5 +1,6 @@
 """tinyformer's own CPU kernels for the few activation rows of a decode step (kernels.cpp), compiled on first use:
-int8 weights at one row, float32 weights up to 4 rows (quant.Int8Kernel and quant.Float32Kernel say when each runs).
+int8 weights at one row, float32 and 16-bit weights up to 4 rows (quant.Int8Kernel, Float32Kernel and Float16Kernel
+say when each runs), and the attention of a decode step (layers.Attention).
 
 Why our own: in a decode step of one or a few rows each weight matrix is read once from memory, so the kernel's read
 bandwidth sets the speed. fbgemm's int8 kernel (what torch offers) streams GPT-2-124M's 49 int8 matrices (124 MB)
@@ -9,9 +10,13 @@ whole decode step runs 1.13-1.20x faster (medians of 10 alternating pairs in one
 the prefetch). In benchmarks/decode.py's run with it, int8 batch 1 went from 0.63-0.65x llama.cpp q8_0 to 0.89x.
 `python benchmarks/decode_profile.py --precisions "" --int8-kernels 10` measures both. In float32, MKL's and
 oneDNN's matrix-vector products read small matrices slowly (an opus-mt-sized decoder's 512-wide ones at ~14-16
-GB/s); f32_linear reads them at ~19-21 and made a beam-4 translation 1.31x faster.
+GB/s); float_linear reads them at ~19-21 and made a beam-4 translation 1.31x faster; on bfloat16 weights it beats
+fbgemm's float16 kernel (GPT-2's 49 matrices 11.3 vs 13.2 ms). SDPA's CPU kernel spreads a decode step's few
+(row, head) pairs over the threads and waits for them; decode_attention runs them on one thread when they are few
+and reads the KV cache in place (GPT-2 batch 8 1.16x, a batch-32 beam-4 translation 1.10x).
 
-The build needs a C++ compiler (g++ or clang) and ninja (a dependency), and an x86-64 CPU with AVX2 and FMA; it
+The build needs a C++ compiler (g++ or clang) and ninja (a dependency), and an x86-64 CPU with AVX2 and FMA (every
+such CPU also has F16C, which the float16 loads use); it
 takes ~10 s and is cached under ~/.cache/tinyformer (XDG_CACHE_HOME). Without them, or with TINYFORMER_KERNELS=0,
 `library()` returns None and torch's kernels (fbgemm, oneDNN) run for every batch size.
 """
@@ -27,7 +32,7 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("kernels.cpp")
-FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp"]  # -fopenmp: at::parallel_for runs on torch's OpenMP pool
+FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]  # -fopenmp: at::parallel_for runs on torch's OpenMP pool
 
 _library = None
 _tried = False

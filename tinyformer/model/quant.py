@@ -16,6 +16,8 @@ OpenMP wake-ups, which cost ~12 ms each on this VM, do not hide the kernels; iss
   accumulation) 16.4 / 33.9. F.linear in bfloat16 is 10-20x slower than float32 without AVX-512, and oneDNN refuses
   to pre-pack bfloat16 there; on the AVX-512 machine fbgemm float16 still beat pre-packed bfloat16 (8.0 vs 8.9 ms).
   Every bfloat16 weight is exactly a float16 value unless |w| < 6e-5 (float16 subnormals: absolute error < 6e-8).
+  Up to 4 rows now through our own kernel (kernels.cpp's float_linear on the 16-bit weight, see Float16Kernel):
+  the 49 matrices in 11.3 vs 13.2 ms, and the batch-1 decode step 1.13x faster (9 of 10 alternating pairs).
 - int8: fbgemm's dynamically quantized linear (`quantized.linear_dynamic`: activations quantized per call to
   uint8, int8 weights, int32 accumulation) 11.9 / 22.6. Slower: `aten._weight_int8pack_mm` (plain tensors,
   weight-only) 19.6 / 68.3 with bfloat16 activations; with float32 ones, and torchao 0.18's int8 configs, were
@@ -23,8 +25,7 @@ OpenMP wake-ups, which cost ~12 ms each on this VM, do not hide the kernels; iss
   quantized-tensor API, deprecated in 2.13 with no CPU successor yet, so its deprecation warning is silenced where
   we build the packed weight, and `_weight_int8pack_mm` runs wherever fbgemm is missing or autograd is on. At one
   row our own kernel (kernels.cpp, see Int8Kernel) beats fbgemm with two threads: 5.4 vs 6.1 and 7.7 vs 10.1 ms
-  in two runs. A bfloat16 version of it was no faster than fbgemm's float16 kernel (9.3 vs 9.0 ms: both read at
-  the memory bandwidth) and was dropped.
+  in two runs.
 """
 from __future__ import annotations
 
@@ -150,7 +151,7 @@ _FBGEMM = "fbgemm" in torch.backends.quantized.supported_engines and hasattr(tor
 
 
 class Float32Kernel:
-    """Up to OWN_ROWS activation rows (a decode step of a few rows or beams): kernels.cpp's f32_linear, which
+    """Up to OWN_ROWS activation rows (a decode step of a few rows or beams): kernels.cpp's float_linear, which
     streams the weight in nn.Linear's own row-major layout; more rows: oneDNN's pre-packed copy.
 
     Why our own for few rows: a matrix-vector product by MKL or oneDNN reads the weight at 12-22 GB/s here with two
@@ -163,7 +164,7 @@ class Float32Kernel:
 
     SPLITS = 2
     OWN_ROWS = 4
-    # Beyond the last-level cache's size MKL's batched product streams a matrix faster than f32_linear: GPT-2's
+    # Beyond the last-level cache's size MKL's batched product streams a matrix faster than float_linear: GPT-2's
     # 154 MB output matrix at 25.4 vs 21.8 GB/s (5.5 vs 6.2 ms in a decode step); kernel_layout keeps those
     # column-major, for that product at one row and oneDNN's at several.
     OWN_MAX_BYTES = 32 << 20
@@ -172,7 +173,7 @@ class Float32Kernel:
         self.weight, self.bias = weight.detach(), None if bias is None else bias.detach()
         self.out_features, in_features = weight.shape
         library = kernels.library()
-        self.own = library.f32_linear.default if library is not None and weight.is_contiguous() else None
+        self.own = library.float_linear.default if library is not None and weight.is_contiguous() else None
         self.blocks = None
         if self.own is None and weight.t().is_contiguous() and in_features % self.SPLITS == 0:
             self.blocks = self.weight.t().view(self.SPLITS, in_features // self.SPLITS, self.out_features)
@@ -254,16 +255,32 @@ class Int8Kernel:
 
 
 class Float16Kernel:
-    """bfloat16 / float16 weights through fbgemm's float16 kernel; activations cross it in float32."""
+    """bfloat16 / float16 weights: up to Float32Kernel.OWN_ROWS activation rows through kernels.cpp's float_linear,
+    which reads the layer's 16-bit weight as it is (bfloat16 -> float32 is a shift, exact) and multiplies in
+    float32; more rows through fbgemm's float16 kernel, on its own packed float16 copy. Activations cross both in
+    float32.
+
+    Why our own for few rows: fbgemm's float16 matrix-vector product reads GPT-2-124M's 49 matrices (248 MB in
+    16 bits) in ~9 ms alone but 12-14 ms inside a decode step here; float_linear streams them like float32."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
         self.out_features = weight.shape[0]
-        self.packed = torch.ops.quantized.linear_prepack_fp16(weight.detach().float(),
-                                                              None if bias is None else bias.detach().float())
+        self.bias = None if bias is None else bias.detach().float().contiguous()
+        library = kernels.library()
+        self.own = library.float_linear.default if library is not None else None
+        self.weight = weight.detach().contiguous()
+        self.packed = torch.ops.quantized.linear_prepack_fp16(weight.detach().float(), self.bias)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.ops.quantized.linear_dynamic_fp16(x.reshape(-1, x.shape[-1]).float(), self.packed)
-        return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
+        flat = x.reshape(-1, x.shape[-1])
+        if flat.dtype != torch.float32:
+            flat = flat.float()
+        if self.own is not None and flat.shape[0] <= Float32Kernel.OWN_ROWS:
+            y = self.own(flat.contiguous(), self.weight, self.bias)
+        else:
+            y = torch.ops.quantized.linear_dynamic_fp16(flat, self.packed)
+        y = y.view(*x.shape[:-1], self.out_features)
+        return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
 class FusedLinears:
