@@ -1,6 +1,6 @@
-"""kernels.cpp's int8 product against an exact float64 reference of its own arithmetic, its float32 product against
-float64, batch invariance, the Int8Kernel's and Float32Kernel's choices between them and torch's kernels, and bad
-input."""
+"""kernels.cpp's int8 product against an exact float64 reference of its own arithmetic, its float32 and 16-bit
+products and its decode-step attention against float64, batch invariance, the Int8Kernel's, Float32Kernel's and
+Float16Kernel's choices between them and torch's kernels, decoding through them against SDPA, and bad input."""
 import shutil
 
 import pytest
@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from tinyformer.model import kernels, quant
+
+from .helpers import tiny_model
 
 buildable = kernels.supported() and (shutil.which("c++") or shutil.which("g++"))
 needs_kernels = pytest.mark.skipif(not buildable, reason="needs an x86-64 CPU with AVX2 and a C++ compiler")
@@ -216,6 +218,51 @@ def test_decode_attention_ignores_masked_keys_bit_for_bit(library):
         library.decode_attention(q, k[:, :3], v[:, :3], None)
     with pytest.raises(RuntimeError, match=r"mask: bool \[batch, 1, length or 1, keys\]"):
         library.decode_attention(q, k, v, mask.float())
+
+
+@needs_kernels
+def test_cached_decode_attention_writes_the_slot_then_attends(library):
+    g = torch.Generator().manual_seed(9)
+    k_cache, v_cache = torch.randn(3, 2, 4, 10, 64, generator=g), torch.randn(3, 2, 4, 10, 64, generator=g)
+    q = torch.randn(2, 1, 3, 8, 64, generator=g)[:, :, 0].transpose(1, 2)  # 8 query heads share 4 kv heads
+    k_new, v_new = torch.randn(2, 4, 1, 64, generator=g), torch.randn(2, 4, 1, 64, generator=g)
+    mask = torch.ones(2, 1, 1, 7, dtype=torch.bool)
+    mask[0, ..., :2] = False
+    expected_k, expected_v = k_cache.clone(), v_cache.clone()
+    expected_k[1, :, :, 6:7], expected_v[1, :, :, 6:7] = k_new, v_new
+    out = library.cached_decode_attention(q, k_new, v_new, k_cache, v_cache, 1, 6, 7, mask)
+    assert torch.equal(k_cache, expected_k) and torch.equal(v_cache, expected_v)
+    assert torch.equal(out, library.decode_attention(q, expected_k[1, :, :, :7], expected_v[1, :, :, :7], mask))
+    with pytest.raises(RuntimeError, match="slot 7, read 7 outside the cache"):
+        library.cached_decode_attention(q, k_new, v_new, k_cache, v_cache, 1, 7, 7, None)
+
+
+@needs_kernels
+@pytest.mark.parametrize("kind", ["tiny", "llama-tiny"])
+def test_decoding_through_the_attention_kernels_equals_sdpa(library, kind):
+    from tinyformer.generation import TokenStream
+    from tinyformer.generation.cache import KVCache
+    from tinyformer.model.layers import Attention
+
+    model = tiny_model(kind, vocab_size=64).pack_for_inference()
+    prompts = [[5, 9, 2, 40, 7], [3, 8], [60, 1, 2, 3, 4, 5, 6, 7]]  # left-padded into one batch
+
+    def decode():
+        steps = list(TokenStream(model, prompts, max_new_tokens=12, top_n=3))
+        return [s.tokens for s in steps], torch.tensor([[lp for _, lp in row] for s in steps for row in s.top])
+
+    calls = []
+    attend = KVCache.attend
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(KVCache, "attend", lambda *args: calls.append(1) or attend(*args))
+        ours, our_logprobs = decode()
+    for attention in model.modules():
+        if isinstance(attention, Attention):
+            attention._decode_kernel = None
+    sdpa, sdpa_logprobs = decode()
+    assert len(calls) == 11 * 2  # every cached step of both layers went through the kernel
+    assert ours == sdpa
+    torch.testing.assert_close(our_logprobs, sdpa_logprobs, rtol=0, atol=1e-5)
 
 
 def test_switched_off_by_the_environment(monkeypatch):

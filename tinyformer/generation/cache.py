@@ -118,6 +118,11 @@ class KVCache:
         values.narrow(2, start, T).copy_(v)
         return keys.narrow(2, 0, self._read), values.narrow(2, 0, self._read)
 
+    def attend(self, layer: int, q, k, v, mask, cached_decode_attention) -> torch.Tensor:
+        """A decode step's self-attention through kernels.cpp (layers.Attention): writes k, v [B, kv_heads, 1,
+        head_dim] into the slot `prepare` chose and attends over the slots in use -> [B, 1, heads, head_dim]."""
+        return cached_decode_attention(q, k, v, self.k, self.v, layer, self._slots.start, self._read, mask)
+
     def advance(self, T: int) -> None:
         self.length += T
 

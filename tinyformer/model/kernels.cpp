@@ -2,7 +2,8 @@
 // (kernels.py builds this file on first use and says why it exists), x and y float32:
 // - int8_linear: y[M, N] = x[M, K] @ (w[N, K] * w_scale[N])^T (+ bias), w int8.
 // - float_linear: y[M, N] = x[M, K] @ w[N, K]^T (+ bias), w float32, bfloat16 or float16 (nn.Linear's own layout).
-// - decode_attention: a decode step's attention, each row's one query over its cached keys.
+// - decode_attention: a decode step's attention, each row's one query over its cached keys (cached_decode_attention
+//   also writes the step's keys and values into the KV cache first).
 //
 // int8: each activation row is quantized per block of 32 values to int8 with its own scale (llama.cpp's q8_0 does
 // the same), and each block's dot product is exact in int32: maddubs(|q|, sign(w, q)) multiplies |q| (unsigned) by
@@ -421,10 +422,40 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   return y;
 }
 
+// A self-attention decode step on the KV cache [layers, B, Hkv, capacity, D]: writes this step's keys and values
+// k_new, v_new [B, Hkv, 1, D] into slot `slot` of layer `layer`, then attends over slots [0, read) as
+// decode_attention does. One call instead of the ~10 small ops of writing and viewing the cache from Python.
+at::Tensor cached_decode_attention(const at::Tensor& q, const at::Tensor& k_new, const at::Tensor& v_new,
+                                   at::Tensor& k_cache, at::Tensor& v_cache, int64_t layer, int64_t slot,
+                                   int64_t read, const c10::optional<at::Tensor>& mask) {
+  TORCH_CHECK(k_cache.dim() == 5 && k_cache.is_contiguous() && k_cache.scalar_type() == at::kFloat &&
+                  v_cache.sizes() == k_cache.sizes() && v_cache.is_contiguous() && v_cache.scalar_type() == at::kFloat,
+              "caches: contiguous float32 [layers, batch, kv_heads, capacity, head_dim]");
+  const int64_t B = k_cache.size(1), Hkv = k_cache.size(2), capacity = k_cache.size(3), D = k_cache.size(4);
+  TORCH_CHECK(0 <= layer && layer < k_cache.size(0) && 0 <= slot && slot < read && read <= capacity,
+              "layer ", layer, ", slot ", slot, ", read ", read, " outside the cache ", k_cache.sizes());
+  for (const at::Tensor* kv : {&k_new, &v_new})
+    TORCH_CHECK(kv->dim() == 4 && kv->size(0) == B && kv->size(1) == Hkv && kv->size(2) == 1 && kv->size(3) == D &&
+                    kv->stride(3) == 1 && kv->scalar_type() == at::kFloat,
+                "k_new, v_new: float32 [", B, ", ", Hkv, ", 1, ", D, "] with head_dim contiguous, got ", kv->sizes());
+  for (int64_t b = 0; b < B; b++)
+    for (int64_t g = 0; g < Hkv; g++) {
+      const int64_t at_slot = (((layer * B + b) * Hkv + g) * capacity + slot) * D;
+      std::memcpy(k_cache.data_ptr<float>() + at_slot, k_new.data_ptr<float>() + b * k_new.stride(0) + g * k_new.stride(1),
+                  sizeof(float) * D);
+      std::memcpy(v_cache.data_ptr<float>() + at_slot, v_new.data_ptr<float>() + b * v_new.stride(0) + g * v_new.stride(1),
+                  sizeof(float) * D);
+    }
+  return decode_attention(q, k_cache.select(0, layer).narrow(2, 0, read), v_cache.select(0, layer).narrow(2, 0, read),
+                          mask);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(tinyformer, m) {
   m.def("int8_linear(Tensor x, Tensor w, Tensor w_scale, Tensor? bias) -> Tensor", &int8_linear);
   m.def("float_linear(Tensor x, Tensor w, Tensor? bias) -> Tensor", &float_linear);
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor? mask) -> Tensor", &decode_attention);
+  m.def("cached_decode_attention(Tensor q, Tensor k_new, Tensor v_new, Tensor(a!) k_cache, Tensor(b!) v_cache, "
+        "int layer, int slot, int read, Tensor? mask) -> Tensor", &cached_decode_attention);
 }

@@ -71,10 +71,18 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype) * self.weight
 
 
+class LayerNorm(nn.LayerNorm):
+    """nn.LayerNorm calling torch.layer_norm directly: F.layer_norm's checks and its read of
+    torch.backends.cudnn.enabled were ~8% of a GPT-2 decode step's time outside the matrix products here."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+
+
 def make_norm(config: ModelConfig) -> nn.Module:
     if config.norm == "rmsnorm":
         return RMSNorm(config.d_model, config.norm_eps)
-    return nn.LayerNorm(config.d_model, eps=config.norm_eps, bias=config.bias)
+    return LayerNorm(config.d_model, eps=config.norm_eps, bias=config.bias)
 
 
 def sinusoidal_table(length: int, dim: int, layout: str = "interleaved") -> torch.Tensor:
@@ -132,7 +140,7 @@ class Attention(nn.Module):
         self.dropout = config.dropout
         self.last_weights: torch.Tensor | None = None  # filled when record_attention is on
         self._qkv: FusedLinears | None = None
-        self._decode_attention = None  # kernels.cpp's, set by pack
+        self._decode_kernel = None  # kernels.cpp's op for a decode step's attention, set by pack
 
     def pack(self) -> None:
         """After the Linears are packed (quant.pack): self-attention's q, k and v as one product (cross-attention
@@ -140,8 +148,9 @@ class Attention(nn.Module):
         kernels.cpp (see forward)."""
         if not self.cross:
             self._qkv = FusedLinears([self.q_proj, self.k_proj, self.v_proj])
-        library = kernels.library()
-        self._decode_attention = None if library is None else library.decode_attention.default
+        library = kernels.library()  # .default: the op itself, skipping the overload lookup (~10 us a call here)
+        if library is not None:
+            self._decode_kernel = (library.decode_attention if self.cross else library.cached_decode_attention).default
 
     def project_kv(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         B, S, _ = h.shape
@@ -161,6 +170,13 @@ class Attention(nn.Module):
 
     def forward(self, x, rope, mask, cache, record_attention: bool = False, memory=None):
         B, T, _ = x.shape
+        attn_mask, is_causal = mask
+        # A decode step (one query a row) on the CPU in float32 runs through kernels.cpp: SDPA's CPU kernel spreads
+        # a step's few (row, head) pairs over the threads and waits for them, and writing and viewing the cache
+        # from Python costs ~10 small ops a layer. decode_attention reads the keys in place and returns the output
+        # projection's input layout.
+        kernel = (self._decode_kernel if T == 1 and self._decode_kernel is not None and not record_attention
+                  and x.dtype == torch.float32 and x.device.type == "cpu" and not torch.is_grad_enabled() else None)
         if self.cross:
             q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
             k, v = cache.cross_kv(self.layer_index, self, memory) if cache is not None else self.project_kv(memory)
@@ -169,21 +185,17 @@ class Attention(nn.Module):
             if G > 1:
                 q = q.view(-1, G, self.n_heads, T, self.head_dim).transpose(1, 2).reshape(-1, self.n_heads, G * T,
                                                                                           self.head_dim)
+            if kernel is not None:
+                return self.o_proj(kernel(q, k, v, attn_mask).view(B, T, -1))
         else:
             q, k, v = self._project_qkv(x, B, T)
             G = 1
             if rope is not None:
                 q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
             if cache is not None:
+                if kernel is not None:
+                    return self.o_proj(cache.attend(self.layer_index, q, k, v, attn_mask, kernel).view(B, T, -1))
                 k, v = cache.write(self.layer_index, k, v)
-        attn_mask, is_causal = mask
-        if (T == 1 and self._decode_attention is not None and not record_attention and q.dtype == torch.float32
-                and q.device.type == "cpu" and not torch.is_grad_enabled()):
-            # One query a row (G beams' folded into one source's): kernels.cpp reads the cache in place and writes
-            # the output projection's input layout. SDPA's CPU kernel spreads 12 (row, head) pairs over the threads
-            # and waits for them: ~60 us a call in a GPT-2 batch-1 step where this takes ~10.
-            out = self._decode_attention(q, k, v, attn_mask)
-            return self.o_proj(out.view(B, T, self.n_heads * self.head_dim))
         if record_attention:
             self.last_weights = _unfold(_attention_weights(q, k, attn_mask, is_causal), G, T)
         out = F.scaled_dot_product_attention(
