@@ -148,7 +148,8 @@ class Attention(nn.Module):
         kernels.cpp (see forward)."""
         if not self.cross:
             self._qkv = FusedLinears([self.q_proj, self.k_proj, self.v_proj])
-        library = kernels.library()  # .default: the op itself, skipping the overload lookup (~10 us a call here)
+        library = kernels.library()  # .default: the op itself; resolving the overload at each call was 13% of a
+        # GPT-2 step's time outside the matrix products
         if library is not None:
             self._decode_kernel = (library.decode_attention if self.cross else library.cached_decode_attention).default
 
