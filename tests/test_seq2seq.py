@@ -6,6 +6,7 @@ import torch.nn as nn
 from tinyformer.model import ModelConfig, Seq2Seq
 
 from tinyformer.generation import beam_search_batch
+from tinyformer.generation.decode import prefill
 
 from .helpers import assert_close_scaled, seq2seq_lm
 
@@ -113,6 +114,32 @@ def test_a_padded_source_encodes_as_it_does_alone():
         # without the mask the padding leaks in (the test can fail)
         leaked = model(tgt, source_ids=padded)
         assert (leaked - model(tgt, source_ids=src)).abs().max() > 1e-3
+
+
+def test_inference_skips_the_padding_in_the_encoder_and_the_cross_projections():
+    model = seq2seq(seed=4)
+    src = torch.randint(3, 40, (3, 10))
+    lengths = [10, 6, 3]
+    mask = (torch.arange(10) < torch.tensor(lengths)[:, None]).long()
+    rows = {}
+
+    def count(name):
+        return lambda module, args: rows.setdefault(name, []).append(args[0].shape[:-1].numel())
+
+    model.encoder[1].mlp.up.register_forward_pre_hook(count("encoder feed-forward"))
+    model.decoder[0].cross_attn.k_proj.register_forward_pre_hook(count("cross keys"))
+    with torch.no_grad():
+        memory = model.encode(src, mask)[0]
+        assert rows == {"encoder feed-forward": [sum(lengths)]}
+        assert (memory[mask == 0] == 0).all()
+        model.train()  # (dropout 0) the padded layout: every row computed
+        padded = model.encode(src, mask)[0]
+        model.eval()
+        assert rows["encoder feed-forward"][-1] == 30
+        assert_close_scaled(memory[mask == 1], padded[mask == 1])
+        logits, _ = prefill(model, [[1]] * 3, 0, 4, sources=(src, mask))
+        assert rows["cross keys"] == [sum(lengths)]
+        assert_close_scaled(logits, model(torch.ones(3, 1, dtype=torch.long), source_ids=src, source_mask=mask)[:, -1])
 
 
 def test_the_decoder_is_causal_and_the_encoder_is_not():

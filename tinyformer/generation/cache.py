@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..model.layers import padded_causal_mask
+from ..model.layers import Unpadded, padded_causal_mask
 
 
 def kv_cache_bytes(config, batch_size: int, length: int, dtype: torch.dtype = torch.float32) -> int:
@@ -42,11 +42,13 @@ class KVCache:
         self._spare = None  # (k, v) buffers that row reorders gather into, allocated on the first one
         self.memory = self.memory_mask = None  # seq2seq: encoder output [sources, S, D] and its key mask
         self.cross: list = []  # seq2seq: per decoder layer, (k, v) [sources, kv_heads, S, head_dim]
+        self._unpadded = None
 
     def set_memory(self, memory: torch.Tensor, memory_mask) -> None:
         """The encoded source; batch rows are grouped by source (rows // group belong to one source)."""
         self.memory, self.memory_mask = memory, memory_mask
         self.cross = [None] * self.k.shape[0]
+        self._unpadded = None  # the source's real tokens, which cross_kv projects
 
     @property
     def group(self) -> int:
@@ -62,7 +64,10 @@ class KVCache:
     def cross_kv(self, layer: int, attention, memory) -> tuple[torch.Tensor, torch.Tensor]:
         """Layer `layer`'s cross-attention keys and values, projected from the source once and then reused."""
         if self.cross[layer] is None:
-            self.cross[layer] = attention.project_kv(self.memory if memory is None else memory)
+            valid = self.memory_mask[0]
+            if valid is not None and self._unpadded is None:
+                self._unpadded = Unpadded(valid[:, 0, 0, :])
+            self.cross[layer] = attention.project_kv(self.memory if memory is None else memory, self._unpadded)
             if all(kv is not None for kv in self.cross):
                 self.memory = None  # every layer has projected it: the encoder output is no longer needed
         return self.cross[layer]
@@ -136,6 +141,7 @@ class KVCache:
                       for kv in self.cross]
         if self.memory is not None:
             self.memory = self.memory.index_select(0, sources)
+            self._unpadded = None
         mask, causal = self.memory_mask
         self.memory_mask = (None if mask is None else mask.index_select(0, sources), causal)
         if mask is not None and self.memory is None:

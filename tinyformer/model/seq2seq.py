@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 from .config import ModelConfig
-from .layers import Block, Linear, TransformerModel, make_norm
+from .layers import Block, Linear, TransformerModel, Unpadded, make_norm
 
 
 class Seq2Seq(TransformerModel):
@@ -42,14 +42,19 @@ class Seq2Seq(TransformerModel):
         B, S = source_ids.shape
         if self.absolute_positions and S > self.config.context_length:
             raise ValueError(f"source of {S} tokens is longer than context_length {self.config.context_length}")
-        mask = (None, False)
+        mask, unpadded = (None, False), None
         if source_mask is not None and not bool(source_mask.all()):
             mask = (source_mask.bool()[:, None, None, :], False)
+            if not self.training:  # (dropout draws would change with the packed shape)
+                unpadded = Unpadded(source_mask.bool())
         positions = torch.arange(S, device=source_ids.device).expand(B, S)
         x, rope = self.embed(self.source_embedding, source_ids, positions)
+        if unpadded is not None:
+            x = unpadded.pack(x)
         for block in self.encoder:
-            x = block(x, rope, mask, None, record_attention)
-        return self.encoder_norm(x), mask
+            x = block(x, rope, mask, None, record_attention, unpadded=unpadded)
+        x = self.encoder_norm(x)
+        return (x if unpadded is None else unpadded.unpack(x)), mask
 
     def forward(self, input_ids: torch.Tensor, source_ids: torch.Tensor | None = None,
                 source_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
