@@ -238,6 +238,82 @@ def test_cached_decode_attention_writes_the_slot_then_attends(library):
 
 
 @needs_kernels
+def test_cached_decode_attention_reads_each_slot_from_the_row_the_table_names(library):
+    g = torch.Generator().manual_seed(11)
+    k_cache, v_cache = torch.randn(2, 3, 2, 8, 32, generator=g), torch.randn(2, 3, 2, 8, 32, generator=g)
+    q = torch.randn(3, 4, 1, 32, generator=g)
+    k_new, v_new = torch.randn(3, 2, 1, 32, generator=g), torch.randn(3, 2, 1, 32, generator=g)
+    rows = torch.tensor([[2, 2, 0, 1, 1, 1, 1, 1], [0, 1, 2, 0, 1, 2, 1, 2], [1, 0, 0, 0, 2, 2, 2, 2]])
+    rows[:, 5] = torch.arange(3)  # this step's slot: every row writes its own
+    out = library.cached_decode_attention(q, k_new, v_new, k_cache, v_cache, 1, 5, 6, None, rows)
+    # the same cache with each row's slots gathered into the row itself
+    slots = torch.arange(6).expand(3, 6)
+    gathered_k = k_cache[1][rows[:, :6], :, slots].permute(0, 2, 1, 3)  # [3, 6, kv heads, 32] -> [3, 2, 6, 32]
+    gathered_v = v_cache[1][rows[:, :6], :, slots].permute(0, 2, 1, 3)
+    assert torch.equal(k_cache[1, :, :, 5:6], k_new)  # written into each row's own slot
+    assert torch.equal(out, library.decode_attention(q, gathered_k, gathered_v, None))
+    assert not torch.equal(out, library.decode_attention(q, k_cache[1, :, :, :6], v_cache[1, :, :, :6], None))
+    with pytest.raises(RuntimeError, match=r"rows\[1, 2\] = 3 is not a cache row"):
+        library.cached_decode_attention(q, k_new, v_new, k_cache, v_cache, 1, 5, 6, None, rows.index_put_(
+            (torch.tensor([1]), torch.tensor([2])), torch.tensor(3)))
+
+
+def test_a_cache_reordered_by_its_row_table_gathers_into_the_copied_layout():
+    from tinyformer.generation.cache import KVCache
+
+    config = tiny_model("tiny", vocab_size=64).config
+    g = torch.Generator().manual_seed(12)
+
+    def filled():
+        torch.manual_seed(3)
+        cache = KVCache(config, 4, 6)
+        cache.k.normal_(generator=g.manual_seed(1))
+        cache.v.normal_(generator=g.manual_seed(2))
+        cache.length = 4
+        return cache
+
+    copied, by_table = filled(), filled()
+    by_table._attended = True  # as after a step through kernels.cpp
+    k_before = by_table.k.clone()
+    for order in ([2, 2, 0, 1], [3, 1, 1, 0]):
+        copied.select(torch.tensor(order))
+        by_table.select(torch.tensor(order))
+    assert torch.equal(by_table.k, k_before)  # nothing moved; the table says where each slot is
+    assert by_table.rows[:, :4].tolist() == [[1] * 4, [2] * 4, [2] * 4, [2] * 4]
+    kept = torch.tensor([3, 0])  # rows leaving the batch: the table is gathered first
+    copied.select(kept)
+    by_table.select(kept)
+    assert by_table.rows is None
+    assert torch.equal(by_table.k[:, :, :, :4], copied.k[:, :, :, :4])
+    assert torch.equal(by_table.v[:, :, :, :4], copied.v[:, :, :, :4])
+
+
+@needs_kernels
+@pytest.mark.parametrize("kind", ["tiny", "llama-tiny"])
+def test_beam_search_reorders_the_cache_by_its_row_table(library, kind):
+    from tinyformer.generation import beam_search_batch
+    from tinyformer.generation.cache import KVCache
+    from tinyformer.model.layers import Attention
+
+    model = tiny_model(kind, vocab_size=64).pack_for_inference()
+    prompts = [[5, 9, 2, 40, 7], [3, 8]]
+    options = dict(num_beams=3, max_new_tokens=10, eos_ids=[0], length_penalty=1.0, num_return_sequences=3)
+    tables = []
+    select = KVCache.select
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(KVCache, "select", lambda cache, *a, **k: select(cache, *a, **k) or tables.append(cache.rows))
+        ours = beam_search_batch(model, prompts, **options)
+    for attention in model.modules():  # every step through SDPA: the cache reordered by copying its keys
+        if isinstance(attention, Attention):
+            attention._decode_kernel = None
+    copied = beam_search_batch(model, prompts, **options)
+    assert len(tables) == 9 and all(t is not None for t in tables[1:])  # the table from the second reorder on
+    assert [[b.tokens for b in r] for r in ours] == [[b.tokens for b in r] for r in copied]
+    torch.testing.assert_close([b.logprob for r in ours for b in r], [b.logprob for r in copied for b in r],
+                               rtol=0, atol=1e-4)
+
+
+@needs_kernels
 @pytest.mark.parametrize("kind", ["tiny", "llama-tiny"])
 def test_decoding_through_the_attention_kernels_equals_sdpa(library, kind):
     from tinyformer.generation import TokenStream

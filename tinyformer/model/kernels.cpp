@@ -328,27 +328,39 @@ inline void dot4(const float* q, const float* const key[4], int64_t D, float* ou
     for (int j = 0; j < 4; j++) out[j] += q[d] * key[j][d];
 }
 
-// out[0:8 * V] += sum over keys of p[s] * value s, the 8 * V sums kept in registers.
-template <int V>
-void add_weighted_values(const float* p, const float* v, int64_t v_stride, int64_t S, float* out) {
+// out[0:8 * V] += sum over keys of p[s] * value_at(s)[0:8 * V], the 8 * V sums kept in registers.
+template <int V, class ValueAt>
+void add_weighted_values(const float* p, const ValueAt& value_at, int64_t S, float* out) {
   __m256 acc[V];
   for (int j = 0; j < V; j++) acc[j] = _mm256_loadu_ps(out + 8 * j);
   for (int64_t s = 0; s < S; s++) {
     if (p[s] == 0.0f) continue;  // masked or underflowed: adds nothing
     const __m256 weight = _mm256_set1_ps(p[s]);
-    for (int j = 0; j < V; j++) acc[j] = _mm256_fmadd_ps(weight, _mm256_loadu_ps(v + s * v_stride + 8 * j), acc[j]);
+    const float* v = value_at(s);
+    for (int j = 0; j < V; j++) acc[j] = _mm256_fmadd_ps(weight, _mm256_loadu_ps(v + 8 * j), acc[j]);
   }
   for (int j = 0; j < V; j++) _mm256_storeu_ps(out + 8 * j, acc[j]);
 }
 
+// Where one row's keys and values are: key s at k + s * k_stride, or, with a row table (beam search's reordered KV
+// cache), at k + rows[s] * k_row_stride + s * k_stride: slot s of the cache row that wrote it; values alike.
+struct RowKeys {
+  const float *k, *v;
+  int64_t k_stride, v_stride;
+  const int64_t* rows;  // nullptr: every slot in this row
+  int64_t k_row_stride, v_row_stride;
+  const float* key(int64_t s) const { return k + (rows ? rows[s] * k_row_stride : 0) + s * k_stride; }
+  const float* value(int64_t s) const { return v + (rows ? rows[s] * v_row_stride : 0) + s * v_stride; }
+};
+
 // softmax(q k^T / sqrt(D)) v for one query row over S keys; keys whose mask entry is false get weight 0. A key's
 // score and weight do not depend on its index or on the other keys, and the sums over keys run in key order and skip
 // weights of 0, so padding keys leave the result unchanged bit for bit (a row in a padded batch equals it alone).
-void attend_row(const float* q, const float* k, int64_t k_stride, const float* v, int64_t v_stride,
-                const bool* mask, int64_t mask_stride, int64_t S, int64_t D, float scale, float* scores, float* out) {
+void attend_row(const float* q, const RowKeys& kv, const bool* mask, int64_t mask_stride, int64_t S, int64_t D,
+                float scale, float* scores, float* out) {
   for (int64_t s = 0; s < S; s += 4) {
     const float* key[4];
-    for (int j = 0; j < 4; j++) key[j] = k + std::min(s + j, S - 1) * k_stride;
+    for (int j = 0; j < 4; j++) key[j] = kv.key(std::min(s + j, S - 1));
     float dots[4];
     dot4(q, key, D, dots);
     for (int j = 0; j < 4 && s + j < S; j++) scores[s + j] = dots[j] * scale;
@@ -374,10 +386,10 @@ void attend_row(const float* q, const float* k, int64_t k_stride, const float* v
   float total = 0.0f;
   for (s = 0; s < S; s++) total += scores[s];
   int64_t d = 0;
-  for (; d + 64 <= D; d += 64) add_weighted_values<8>(scores, v + d, v_stride, S, out + d);
-  for (; d + 8 <= D; d += 8) add_weighted_values<1>(scores, v + d, v_stride, S, out + d);
+  for (; d + 64 <= D; d += 64) add_weighted_values<8>(scores, [&](int64_t i) { return kv.value(i) + d; }, S, out + d);
+  for (; d + 8 <= D; d += 8) add_weighted_values<1>(scores, [&](int64_t i) { return kv.value(i) + d; }, S, out + d);
   for (; d < D; d++)
-    for (s = 0; s < S; s++) out[d] += scores[s] * v[s * v_stride + d];
+    for (s = 0; s < S; s++) out[d] += scores[s] * kv.value(s)[d];
   const float inverse = 1.0f / total;
   for (d = 0; d < D; d++) out[d] *= inverse;
 }
@@ -387,8 +399,8 @@ void attend_row(const float* q, const float* k, int64_t k_stride, const float* v
 // are read in place), mask bool broadcastable to [B, 1, T, S] or None -> [B, T, H, D] contiguous, which is the
 // output projection's input as it is. No causal mask: the T queries see the same keys (a step's one token, or the
 // beams of one source folded into T for cross-attention).
-at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                            const c10::optional<at::Tensor>& mask) {
+at::Tensor attention_over(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                          const c10::optional<at::Tensor>& mask, const int64_t* rows, int64_t rows_stride) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "q, k, v: [batch, heads, length, head_dim]");
   TORCH_CHECK(q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat,
               "q, k, v: float32");
@@ -416,9 +428,10 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
     std::vector<float> scores(S);
     for (int64_t i = begin; i < end; i++) {
       const int64_t b = i / (H * T), h = i / T % H, t = i % T, g = h / (H / Hkv);
-      attend_row(Q + b * q.stride(0) + h * q.stride(1) + t * q.stride(2),
-                 K + b * k.stride(0) + g * k.stride(1), k.stride(2),
-                 V + b * v.stride(0) + g * v.stride(1), v.stride(2),
+      const int64_t own = rows ? 0 : b;
+      const RowKeys kv{K + own * k.stride(0) + g * k.stride(1), V + own * v.stride(0) + g * v.stride(1),
+                       k.stride(2), v.stride(2), rows ? rows + b * rows_stride : nullptr, k.stride(0), v.stride(0)};
+      attend_row(Q + b * q.stride(0) + h * q.stride(1) + t * q.stride(2), kv,
                  M ? M + b * m.stride(0) + t * m.stride(2) : nullptr, M ? m.stride(3) : 0,
                  S, D, scale, scores.data(), Y + ((b * T + t) * H + h) * D);
     }
@@ -426,12 +439,21 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   return y;
 }
 
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                            const c10::optional<at::Tensor>& mask) {
+  return attention_over(q, k, v, mask, nullptr, 0);
+}
+
 // A self-attention decode step on the KV cache [layers, B, Hkv, capacity, D]: writes this step's keys and values
 // k_new, v_new [B, Hkv, 1, D] into slot `slot` of layer `layer`, then attends over slots [0, read) as
-// decode_attention does. One call instead of the ~10 small ops of writing and viewing the cache from Python.
+// decode_attention does. One call instead of the ~10 small ops of writing and viewing the cache from Python. With
+// `rows` (int64 [B, >= read]), row b reads slot s from cache row rows[b][s]: beam search reorders its beams by
+// reordering that table instead of copying every filled slot of the cache (each step writes one slot of every row, so
+// a slot's keys stay where they were written).
 at::Tensor cached_decode_attention(const at::Tensor& q, const at::Tensor& k_new, const at::Tensor& v_new,
                                    at::Tensor& k_cache, at::Tensor& v_cache, int64_t layer, int64_t slot,
-                                   int64_t read, const c10::optional<at::Tensor>& mask) {
+                                   int64_t read, const c10::optional<at::Tensor>& mask,
+                                   const c10::optional<at::Tensor>& rows) {
   TORCH_CHECK(k_cache.dim() == 5 && k_cache.is_contiguous() && k_cache.scalar_type() == at::kFloat &&
                   v_cache.sizes() == k_cache.sizes() && v_cache.is_contiguous() && v_cache.scalar_type() == at::kFloat,
               "caches: contiguous float32 [layers, batch, kv_heads, capacity, head_dim]");
@@ -450,8 +472,19 @@ at::Tensor cached_decode_attention(const at::Tensor& q, const at::Tensor& k_new,
       std::memcpy(keys + to, new_keys + b * k_new.stride(0) + g * k_new.stride(1), sizeof(float) * D);
       std::memcpy(values + to, new_values + b * v_new.stride(0) + g * v_new.stride(1), sizeof(float) * D);
     }
-  return decode_attention(q, k_cache.select(0, layer).narrow(2, 0, read), v_cache.select(0, layer).narrow(2, 0, read),
-                          mask);
+  const int64_t* table = nullptr;
+  if (rows.has_value()) {
+    TORCH_CHECK(rows->scalar_type() == at::kLong && rows->dim() == 2 && rows->size(0) == B &&
+                    rows->size(1) >= read && rows->stride(1) == 1,
+                "rows: int64 [", B, ", >= ", read, "] with slots contiguous, got ", rows->sizes());
+    table = rows->data_ptr<int64_t>();
+    for (int64_t b = 0; b < B; b++)
+      for (int64_t s = 0; s < read; s++)
+        TORCH_CHECK(0 <= table[b * rows->stride(0) + s] && table[b * rows->stride(0) + s] < B,
+                    "rows[", b, ", ", s, "] = ", table[b * rows->stride(0) + s], " is not a cache row");
+  }
+  return attention_over(q, k_cache.select(0, layer).narrow(2, 0, read), v_cache.select(0, layer).narrow(2, 0, read),
+                        mask, table, table ? rows->stride(0) : 0);
 }
 
 }  // namespace
@@ -461,5 +494,5 @@ TORCH_LIBRARY(tinyformer, m) {
   m.def("float_linear(Tensor x, Tensor w, Tensor? bias) -> Tensor", &float_linear);
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor? mask) -> Tensor", &decode_attention);
   m.def("cached_decode_attention(Tensor q, Tensor k_new, Tensor v_new, Tensor(a!) k_cache, Tensor(b!) v_cache, "
-        "int layer, int slot, int read, Tensor? mask) -> Tensor", &cached_decode_attention);
+        "int layer, int slot, int read, Tensor? mask, Tensor? rows=None) -> Tensor", &cached_decode_attention);
 }
