@@ -228,3 +228,37 @@ def test_16_bit_weights_keep_float32_arithmetic_on_the_cpu(kind):
         last, cache = prefill(model, ids.tolist(), 0, room=4)
     assert cache.k.dtype == torch.float32
     torch.testing.assert_close(last, want[:, -1], rtol=0, atol=1e-4 * want.abs().max().item())
+
+
+def _mapping_flags(address: int) -> dict:
+    """/proc/self/smaps' fields for the mapping that holds `address`."""
+    fields, inside = {}, False
+    for line in open("/proc/self/smaps"):
+        head = line.split()[0]
+        if "-" in head and ":" not in head:
+            start, end = (int(x, 16) for x in head.split("-"))
+            inside = start <= address < end
+        elif inside:
+            fields[head.rstrip(":")] = line.split()[1]
+    return fields
+
+
+def test_packed_weights_are_unchanged_and_asked_to_live_in_huge_pages(monkeypatch):
+    model = tiny_model("tiny", vocab_size=64)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    quant.pack(model)
+    state = model.state_dict()
+    assert all(torch.equal(state[k], before[k]) for k in before)
+    weights = [m.weight for m in quant.linears(model)]
+    if not quant.HUGE_PAGES.enabled:
+        pytest.skip("no transparent huge pages here (MADV_HUGEPAGE)")
+    # side by side in chunks (the current one may fill up on the way), which asked the kernel for huge pages
+    assert len({w.untyped_storage().data_ptr() for w in weights}) <= 2
+    thp = open("/sys/kernel/mm/transparent_hugepage/enabled").read()
+    if "[never]" not in thp and "THPeligible" in _mapping_flags(weights[0].data_ptr()):
+        assert _mapping_flags(weights[0].data_ptr())["THPeligible"] == "1"
+    # without them: ordinary tensors, one storage each
+    monkeypatch.setattr(quant.HUGE_PAGES, "enabled", False)
+    plain = quant.pack(tiny_model("tiny", vocab_size=64))
+    plain_weights = [m.weight for m in quant.linears(plain)]
+    assert len({w.untyped_storage().data_ptr() for w in plain_weights}) == len(plain_weights)

@@ -38,10 +38,19 @@ def _atomic_write(path: Path, write) -> None:
             tmp.unlink()
 
 
+def standalone(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor, contiguous and owning all of its storage (copied if need be): safetensors refuses tensors that
+    share storage, and a packed model's weights lie side by side in shared chunks of huge pages (quant.HugePages)."""
+    tensor = tensor.detach().contiguous()
+    if tensor.untyped_storage().nbytes() != tensor.numel() * tensor.element_size():
+        tensor = tensor.clone()
+    return tensor
+
+
 def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The state dict to store: contiguous tensors, tied LM head left out (it is the embedding; an int8 head is
-    its own tensor and is kept)."""
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    """The state dict to store: standalone contiguous tensors, tied LM head left out (it is the embedding; an int8
+    head is its own tensor and is kept)."""
+    state = {k: standalone(v) for k, v in model.state_dict().items()}
     if ("lm_head.weight" in state and "tok_emb.weight" in state
             and model.state_dict()["lm_head.weight"].data_ptr() == model.state_dict()["tok_emb.weight"].data_ptr()):
         state.pop("lm_head.weight")

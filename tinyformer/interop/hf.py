@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from ..checkpoint import CheckpointError, load_state_into, load_weights, read_json_object, safe_torch_load
+from ..checkpoint import (CheckpointError, load_state_into, load_weights, read_json_object, safe_torch_load,
+                          standalone)
 from ..model import GPT, ConfigError, ModelConfig
 from ..model.quant import require_float
 from ..tokenizers import HFTokenizer
@@ -319,7 +320,7 @@ def export_hf(model, tokenizer, out_dir, source_tokenizer=None, generation: dict
         ids[f"{role}_token_id"] = token_id if token_id is not None and 0 <= token_id < c.vocab_size else None
     hf_config.update(ids, dtype=str(dtype).removeprefix("torch."), tie_word_embeddings=c.tie_embeddings,
                      use_cache=True)
-    tensors = {k: v.contiguous() for k, v in tensors.items()}
+    tensors = {k: standalone(v) for k, v in tensors.items()}
 
     writers = {"model.safetensors": lambda p: save_file(tensors, str(p), metadata={"format": "pt"})}
     if isinstance(tokenizer, HFTokenizer):

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import CheckpointError, load_state_into, read_json_object
+from ..checkpoint import CheckpointError, load_state_into, read_json_object, standalone
 from ..model import ConfigError, ModelConfig
 from ..model.seq2seq import Seq2Seq
 from ..tokenizers import HFTokenizer, SentencePieceTokenizer, TokenizerError
@@ -238,7 +238,7 @@ def export_marian(model: Seq2Seq, tokenizer, source_tokenizer, out_dir: Path, ge
     t["final_logits_bias"] = (bias if bias is not None else torch.zeros(c.vocab_size)).reshape(1, -1)
     if not c.tie_embeddings:
         t["lm_head.weight"] = s["lm_head.weight"]
-    t = {k: v.contiguous() for k, v in t.items()}
+    t = {k: standalone(v) for k, v in t.items()}
 
     generation = generation or {}
     pad = tokenizer.pad_id if tokenizer is not None else 0

@@ -32,8 +32,7 @@ class Linear(nn.Linear):
         self.register_buffer("weight_scale", None)  # set by quantize_int8; a None buffer is not in state_dict
 
     def pack(self) -> None:
-        if self.weight.dtype.is_floating_point:
-            self.weight.data = kernel_layout(self.weight.data)
+        self.weight.data = kernel_layout(self.weight.data)
         self._kernel = make_kernel(self.weight, self.bias, self.weight_scale)
         self._packed_version = self._weight_version()
 

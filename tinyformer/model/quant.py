@@ -201,13 +201,64 @@ class Float32Kernel:
 
 
 def kernel_layout(weight: torch.Tensor) -> torch.Tensor:
-    """The weight laid out as its kernel reads it: float32 column-major for Float32Kernel's batched one-row product
-    when kernels.cpp is missing or the matrix is larger than OWN_MAX_BYTES, else as it is (row-major, which
-    kernels.cpp reads; 16-bit and int8 kernels pack their own copies)."""
-    if weight.dtype == torch.float32 and weight.device.type == "cpu" and (
-            kernels.library() is None or weight.numel() * 4 > Float32Kernel.OWN_MAX_BYTES):
-        return weight.t().contiguous().t()
-    return weight.contiguous()
+    """The weight laid out as its kernel reads it, on the CPU in huge pages (HugePages): float32 column-major for
+    Float32Kernel's batched one-row product when kernels.cpp is missing or the matrix is larger than
+    OWN_MAX_BYTES, else row-major, which kernels.cpp reads (fbgemm's and oneDNN's kernels pack their own copies)."""
+    if weight.device.type != "cpu":
+        return weight.contiguous()
+    if weight.dtype == torch.float32 and (kernels.library() is None or weight.numel() * 4 > Float32Kernel.OWN_MAX_BYTES):
+        return HUGE_PAGES.copy(weight.t()).t()
+    return HUGE_PAGES.copy(weight)
+
+
+class HugePages:
+    """Memory for the weights a decode step streams, in 2 MB pages where Linux allows it (transparent huge pages in
+    "madvise" mode, the common default, give them only to memory that asks: MADV_HUGEPAGE on a private anonymous
+    mapping). With 4 KB pages the hardware prefetcher stops at every page boundary and each page costs a TLB miss:
+    the 37 matrices of an opus-mt-sized decoder step (104 MB, float_linear at one row) streamed 1.11-1.19x faster
+    from huge pages here (33-36 of 40 alternating pairs, three runs). Tensors are carved one after another out of
+    chunks of at least CHUNK bytes; a chunk is unmapped when the last tensor in it is freed. Elsewhere (no
+    MADV_HUGEPAGE, or `enabled` False) copy() is a plain contiguous copy."""
+
+    CHUNK = 64 << 20
+    PAGE = 2 << 20
+
+    def __init__(self):
+        import mmap
+
+        self.enabled = hasattr(mmap, "MADV_HUGEPAGE") and hasattr(mmap, "MAP_PRIVATE")
+        self._chunk, self._used = None, 0
+
+    def copy(self, t: torch.Tensor) -> torch.Tensor:
+        """A contiguous copy of t in huge pages."""
+        if not self.enabled:
+            return t.contiguous()
+        nbytes = t.numel() * t.element_size()
+        if self._chunk is None or self._used + nbytes > self._chunk.numel():
+            self._chunk, self._used = self._map(max(self.CHUNK, -(-nbytes // self.PAGE) * self.PAGE)), 0
+        if self._chunk is None:
+            return t.contiguous()
+        out = self._chunk[self._used:self._used + nbytes].view(t.dtype).view(t.shape)
+        self._used += -(-nbytes // 64) * 64  # the next tensor starts on a cache line
+        return out.copy_(t)
+
+    def _map(self, nbytes: int) -> torch.Tensor | None:
+        import mmap
+
+        try:
+            area = mmap.mmap(-1, nbytes + self.PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+            area.madvise(mmap.MADV_HUGEPAGE)
+        except (OSError, ValueError):  # a kernel without transparent huge pages: ordinary memory
+            self.enabled = False
+            return None
+        with warnings.catch_warnings():  # frombuffer warns that an mmap is writable; we own it
+            warnings.simplefilter("ignore")
+            raw = torch.frombuffer(area, dtype=torch.uint8)  # keeps `area` alive as long as any view of it
+        start = -raw.data_ptr() % self.PAGE  # huge pages come only to 2 MB-aligned ranges
+        return raw[start:start + nbytes]
+
+
+HUGE_PAGES = HugePages()
 
 
 class Int8Kernel:
