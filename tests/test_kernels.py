@@ -151,6 +151,52 @@ def test_float32_rows_equal_their_results_alone(library):
 
 
 @needs_kernels
+@pytest.mark.parametrize("weight", ["float32", "bfloat16", "int8"])
+def test_the_residual_is_added_as_the_output_is_stored(library, weight):
+    g = torch.Generator().manual_seed(6)
+    x, bias, residual = torch.randn(3, 64, generator=g), torch.randn(40, generator=g), torch.randn(3, 40, generator=g)
+    if weight == "int8":
+        q, scale = int8_weight(40, 64, 6)
+        product = lambda *r: library.int8_linear(x, q, scale, bias, *r)  # noqa: E731
+    else:
+        w = torch.randn(40, 64, generator=g).to(getattr(torch, weight))
+        product = lambda *r: library.float_linear(x, w, bias, *r)  # noqa: E731
+    assert torch.equal(product(residual), residual + product())  # one rounding, as adding it afterwards
+    assert torch.equal(product(None), product())
+    with pytest.raises(RuntimeError, match=r"residual: contiguous float32 of 3 x 40 values, got \[3, 41\]"):
+        product(torch.randn(3, 41))
+
+
+@needs_kernels
+def test_a_decode_step_adds_the_residual_inside_the_kernels_with_the_same_tokens(library):
+    from tinyformer.generation import TokenStream
+    from tinyformer.model.layers import Block
+
+    model = tiny_model("llama-tiny", vocab_size=64).pack_for_inference()
+    prompts = [[5, 9, 2, 40, 7], [3, 8]]
+
+    def decode():
+        steps = list(TokenStream(model, prompts, max_new_tokens=10, top_n=3))
+        return [s.tokens for s in steps], [lp for s in steps for row in s.top for _, lp in row]
+
+    calls = []
+    own = library.float_linear.default
+    with pytest.MonkeyPatch.context() as patch:
+        for kernel in {m._kernel for m in quant.linears(model) if m._kernel is not None}:
+            patch.setattr(kernel, "own", lambda x, w, b, r=None: calls.append(r is not None) or own(x, w, b, r))
+        fused = decode()
+
+    def unfused(self, x, norm, f, *args):  # the residual added by its own op after each sublayer
+        return x + f(norm(x), *args)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Block, "_sublayer", unfused)
+        separate = decode()
+    assert calls.count(True) == 9 * 2 * 2  # both layers' output projections of every cached step
+    assert fused == separate
+
+
+@needs_kernels
 def test_float32_kernel_uses_ours_up_to_four_rows_and_onednn_beyond(library):
     g = torch.Generator().manual_seed(6)
     weight, bias = torch.randn(64, 96, generator=g), torch.randn(64, generator=g)

@@ -1,7 +1,8 @@
 // Matrix products for inference on x86 CPUs with AVX2 and FMA, for the few activation rows of a decode step
 // (kernels.py builds this file on first use and says why it exists), x and y float32:
-// - int8_linear: y[M, N] = x[M, K] @ (w[N, K] * w_scale[N])^T (+ bias), w int8.
-// - float_linear: y[M, N] = x[M, K] @ w[N, K]^T (+ bias), w float32, bfloat16 or float16 (nn.Linear's own layout).
+// - int8_linear: y[M, N] = x[M, K] @ (w[N, K] * w_scale[N])^T (+ bias) (+ residual), w int8.
+// - float_linear: y[M, N] = x[M, K] @ w[N, K]^T (+ bias) (+ residual), w float32, bfloat16 or float16 (nn.Linear's
+//   own layout). The residual stream, when given, is added as the output is stored: one small op less a sublayer.
 // - decode_attention: a decode step's attention, each row's one query over its cached keys (cached_decode_attention
 //   also writes the step's keys and values into the KV cache first).
 //
@@ -52,13 +53,14 @@ inline float horizontal_sum(__m256 v) {
 }
 
 // Runs product(n, m, tile, out) for every weight row n and every tile of T <= kTile activation rows starting at m
-// (tile is std::integral_constant<int, T>, so the product's loops over T unroll), and stores out[t] as Y[m + t, n].
+// (tile is std::integral_constant<int, T>, so the product's loops over T unroll), and stores out[t] as Y[m + t, n],
+// plus R[m + t, n] when R (a residual stream [M, N]) is given: the same one rounding as adding it afterwards.
 // Each thread owns a contiguous range of weight rows and streams through it row by row, the activations (a panel
 // of kPanel rows) staying in L2. With `prefetch` > 0 it asks for the weight that many bytes ahead of the row it
 // multiplies, within its own range.
 template <class Product>
 void for_each_weight_row(int64_t M, int64_t N, const char* W, int64_t row_bytes, int64_t prefetch, float* Y,
-                         const Product& product) {
+                         const float* R, const Product& product) {
   at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
     float out[kTile];
     for (int64_t m0 = 0; m0 < M; m0 += kPanel) {
@@ -75,7 +77,7 @@ void for_each_weight_row(int64_t M, int64_t N, const char* W, int64_t row_bytes,
             case 2: product(n, m, std::integral_constant<int, 2>{}, out); break;
             default: product(n, m, std::integral_constant<int, 1>{}, out);
           }
-          for (int64_t t = 0; t < T; t++) Y[(m + t) * N + n] = out[t];
+          for (int64_t t = 0; t < T; t++) Y[(m + t) * N + n] = R ? out[t] + R[(m + t) * N + n] : out[t];
         }
       }
     }
@@ -149,8 +151,17 @@ void int8_row(const int8_t* w, const int8_t* q, const uint8_t* magnitude, const 
   for (int t = 0; t < T; t++) out[t] = horizontal_sum(_mm256_add_ps(acc[t][0], acc[t][1]));
 }
 
+// The residual stream a product's output is added to, or nullptr: M x N contiguous float32 values, in any shape
+// (the caller's [batch, length, features] as it is: a view to [M, N] would cost an op).
+const float* residual_data(const c10::optional<at::Tensor>& residual, int64_t M, int64_t N) {
+  if (!residual.has_value()) return nullptr;
+  TORCH_CHECK(residual->scalar_type() == at::kFloat && residual->numel() == M * N && residual->is_contiguous(),
+              "residual: contiguous float32 of ", M, " x ", N, " values, got ", residual->sizes());
+  return residual->data_ptr<float>();
+}
+
 at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& w_scale,
-                       const c10::optional<at::Tensor>& bias) {
+                       const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& residual) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x: contiguous float32 [M, K]");
   TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kChar && w.is_contiguous() && w.size(1) % kBlock == 0,
               "w: contiguous int8 [N, K padded to a multiple of 32]");
@@ -177,7 +188,7 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   const int8_t* W = w.data_ptr<int8_t>();
   const float* WS = w_scale.data_ptr<float>();
   for_each_weight_row(M, N, reinterpret_cast<const char*>(W), Kp, kPrefetch, y.data_ptr<float>(),
-                      [&](int64_t n, int64_t m, auto tile, float* out) {
+                      residual_data(residual, M, N), [&](int64_t n, int64_t m, auto tile, float* out) {
     constexpr int T = decltype(tile)::value;
     int8_row<T>(W + n * Kp, Q + m * Kp, A + m * Kp, S + m * blocks, blocks, out);
     const float add = b_ptr ? b_ptr[n] : 0.0f;
@@ -260,10 +271,11 @@ void float_row(const Weight* w, const float* x, int64_t K, float* out) {
 }
 
 template <class Weight>
-void float_product(const float* X, const Weight* W, const float* bias, int64_t M, int64_t N, int64_t K, float* Y) {
+void float_product(const float* X, const Weight* W, const float* bias, int64_t M, int64_t N, int64_t K, float* Y,
+                   const float* R) {
   // No software prefetch: with a quarter of int8's instructions per byte the hardware prefetcher keeps up (16 KB
   // ahead measured 0-7% slower for float32 on the 37 matrices of an opus-mt-sized decoder and GPT-2's 49).
-  for_each_weight_row(M, N, reinterpret_cast<const char*>(W), K * sizeof(Weight), 0, Y,
+  for_each_weight_row(M, N, reinterpret_cast<const char*>(W), K * sizeof(Weight), 0, Y, R,
                       [&](int64_t n, int64_t m, auto tile, float* out) {
     constexpr int T = decltype(tile)::value;
     float_row<T>(W + n * K, X + m * K, K, out);
@@ -272,7 +284,8 @@ void float_product(const float* X, const Weight* W, const float* bias, int64_t M
   });
 }
 
-at::Tensor float_linear(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias) {
+at::Tensor float_linear(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
+                        const c10::optional<at::Tensor>& residual) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x: contiguous float32 [M, K]");
   const auto type = w.scalar_type();
   TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && (type == at::kFloat || type == at::kBFloat16 || type == at::kHalf),
@@ -284,16 +297,17 @@ at::Tensor float_linear(const at::Tensor& x, const at::Tensor& w, const c10::opt
     TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->numel() == N && bias->is_contiguous(), "bias: float32 [N]");
     b_ptr = bias->data_ptr<float>();
   }
+  const float* R = residual_data(residual, M, N);
   auto y = at::empty({M, N}, x.options());
   const float* X = x.data_ptr<float>();
-  if (type == at::kFloat) float_product(X, w.data_ptr<float>(), b_ptr, M, N, K, y.data_ptr<float>());
+  if (type == at::kFloat) float_product(X, w.data_ptr<float>(), b_ptr, M, N, K, y.data_ptr<float>(), R);
   if (type == at::kBFloat16) {
     thread_local std::vector<float> reordered;  // reused from call to call, as int8_linear's workspace
     reordered.resize(static_cast<size_t>(M * K));
     deinterleave_bf16_blocks(X, M, K, reordered.data());
-    float_product(reordered.data(), w.data_ptr<at::BFloat16>(), b_ptr, M, N, K, y.data_ptr<float>());
+    float_product(reordered.data(), w.data_ptr<at::BFloat16>(), b_ptr, M, N, K, y.data_ptr<float>(), R);
   }
-  if (type == at::kHalf) float_product(X, w.data_ptr<at::Half>(), b_ptr, M, N, K, y.data_ptr<float>());
+  if (type == at::kHalf) float_product(X, w.data_ptr<at::Half>(), b_ptr, M, N, K, y.data_ptr<float>(), R);
   return y;
 }
 
@@ -490,8 +504,8 @@ at::Tensor cached_decode_attention(const at::Tensor& q, const at::Tensor& k_new,
 }  // namespace
 
 TORCH_LIBRARY(tinyformer, m) {
-  m.def("int8_linear(Tensor x, Tensor w, Tensor w_scale, Tensor? bias) -> Tensor", &int8_linear);
-  m.def("float_linear(Tensor x, Tensor w, Tensor? bias) -> Tensor", &float_linear);
+  m.def("int8_linear(Tensor x, Tensor w, Tensor w_scale, Tensor? bias, Tensor? residual=None) -> Tensor", &int8_linear);
+  m.def("float_linear(Tensor x, Tensor w, Tensor? bias, Tensor? residual=None) -> Tensor", &float_linear);
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor? mask) -> Tensor", &decode_attention);
   m.def("cached_decode_attention(Tensor q, Tensor k_new, Tensor v_new, Tensor(a!) k_cache, Tensor(b!) v_cache, "
         "int layer, int slot, int read, Tensor? mask, Tensor? rows=None) -> Tensor", &cached_decode_attention);

@@ -49,14 +49,18 @@ class Linear(nn.Linear):
         weight = self._parameters["weight"]  # not self.weight: Module.__getattr__ costs ~1 us, twice a call
         return weight._version, weight.data_ptr()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """x @ weight.T + bias, plus `residual` when given (the residual stream: the packed kernels add it as they
+        store their output, one small op less a sublayer in a decode step)."""
         if self._kernel is not None and not torch.is_grad_enabled() and self._packed_version == self._weight_version():
-            return self._kernel(x)
+            return self._kernel(x, residual)
         if self.weight_scale is not None:
-            return int8_linear(x, self.weight, self.weight_scale, self.bias)
-        if self.weight.dtype != x.dtype:  # 16-bit weights with float32 arithmetic (quant.set_precision, CPU)
-            return F.linear(x, self.weight.to(x.dtype), self.bias)
-        return F.linear(x, self.weight, self.bias)
+            y = int8_linear(x, self.weight, self.weight_scale, self.bias)
+        elif self.weight.dtype != x.dtype:  # 16-bit weights with float32 arithmetic (quant.set_precision, CPU)
+            y = F.linear(x, self.weight.to(x.dtype), self.bias)
+        else:
+            y = F.linear(x, self.weight, self.bias)
+        return y if residual is None else residual + y
 
 
 class RMSNorm(nn.Module):
@@ -182,9 +186,11 @@ class Attention(nn.Module):
                 k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2),
                 v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2))
 
-    def forward(self, x, rope, mask, cache, record_attention: bool = False, memory=None, unpadded=None):
+    def forward(self, x, rope, mask, cache, record_attention: bool = False, memory=None, unpadded=None,
+                residual=None):
         """x [B, T, d_model], or the real tokens [N, d_model] of a padded batch when `unpadded` (an Unpadded) is
-        given: projections then run on the N tokens and attention on the padded [B, T] layout."""
+        given: projections then run on the N tokens and attention on the padded [B, T] layout. `residual` (shaped
+        like the output) is added to the output."""
         B, T = unpadded.shape if unpadded is not None else x.shape[:2]
         attn_mask, is_causal = mask
         # A decode step (one query a row) on the CPU in float32 runs through kernels.cpp: SDPA's CPU kernel spreads
@@ -202,7 +208,7 @@ class Attention(nn.Module):
                 q = q.view(-1, G, self.n_heads, T, self.head_dim).transpose(1, 2).reshape(-1, self.n_heads, G * T,
                                                                                           self.head_dim)
             if kernel is not None:
-                return self.o_proj(kernel(q, k, v, attn_mask).view(B, T, -1))
+                return self.o_proj(kernel(q, k, v, attn_mask).view(B, T, -1), residual)
         else:
             q, k, v = self._project_qkv(x, B, T, unpadded)
             G = 1
@@ -210,7 +216,8 @@ class Attention(nn.Module):
                 q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
             if cache is not None:
                 if kernel is not None:
-                    return self.o_proj(cache.attend(self.layer_index, q, k, v, attn_mask, kernel).view(B, T, -1))
+                    return self.o_proj(cache.attend(self.layer_index, q, k, v, attn_mask, kernel).view(B, T, -1),
+                                       residual)
                 k, v = cache.write(self.layer_index, k, v)
         if record_attention:
             self.last_weights = _unfold(_attention_weights(q, k, attn_mask, is_causal), G, T)
@@ -218,7 +225,7 @@ class Attention(nn.Module):
             q, k, v, attn_mask=attn_mask, is_causal=is_causal, enable_gqa=self.n_kv_heads != self.n_heads,
             dropout_p=self.dropout if self.training else 0.0)
         out = _unfold(out, G, T).transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
-        return self.o_proj(out if unpadded is None else unpadded.pack(out))
+        return self.o_proj(out if unpadded is None else unpadded.pack(out), residual)
 
 
 class Unpadded:
@@ -272,14 +279,14 @@ class FeedForward(nn.Module):
             self.gate = Linear(config.d_model, config.ff_dim, bias=config.bias)
         self.down = Linear(config.ff_dim, config.d_model, bias=config.bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         if self.kind == "swiglu":
-            return self.down(F.silu(self.gate(x)) * self.up(x))
+            return self.down(F.silu(self.gate(x)) * self.up(x), residual)
         if self.kind == "relu":
-            return self.down(F.relu(self.up(x)))
+            return self.down(F.relu(self.up(x)), residual)
         if self.kind == "silu":
-            return self.down(F.silu(self.up(x)))
-        return self.down(F.gelu(self.up(x), approximate=self.approximate))
+            return self.down(F.silu(self.up(x)), residual)
+        return self.down(F.gelu(self.up(x), approximate=self.approximate), residual)
 
 
 class Block(nn.Module):
@@ -305,14 +312,17 @@ class Block(nn.Module):
         x = self._sublayer(x, self.norm1, self.attn, rope, mask, cache, record_attention, None, unpadded)
         if self.cross_attn is not None:
             x = self._sublayer(x, self.norm_cross, self.cross_attn, None, memory_mask, cache, record_attention,
-                               memory)
+                               memory, None)
         return self._sublayer(x, self.norm2, self.mlp)
 
     def _sublayer(self, x, norm, f, *args):
-        y = f(x if self.post_norm else norm(x), *args)
-        if self.training and self.dropout.p:  # a module call saved twice a layer per decode step
-            y = self.dropout(y)
-        return norm(x + y) if self.post_norm else x + y
+        if self.training and self.dropout.p:
+            y = self.dropout(f(x if self.post_norm else norm(x), *args))
+            return norm(x + y) if self.post_norm else x + y
+        # f adds the residual (its last argument) to its output projection's output, in the kernel when it has one
+        if self.post_norm:
+            return norm(f(x, *args, x))
+        return f(norm(x), *args, x)
 
 
 class TransformerModel(nn.Module):

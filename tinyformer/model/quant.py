@@ -184,20 +184,27 @@ class Float32Kernel:
             except (RuntimeError, AttributeError):  # an unusual build: keep the plain path
                 self.packed = None
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """x @ weight.T + bias, plus `residual` (the residual stream, shaped like the output) when given."""
         rows = x.numel() // x.shape[-1]
         if self.own is not None and rows <= self.OWN_ROWS:
-            return self.own(x.reshape(rows, -1).contiguous(), self.weight, self.bias).view(*x.shape[:-1],
-                                                                                          self.out_features)
-        if rows > 1:
-            if self.packed is not None:
-                return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
-        elif self.blocks is not None:
+            return self.own(x.reshape(rows, -1).contiguous(), self.weight, self.bias,
+                            _rows(residual, rows)).view(*x.shape[:-1], self.out_features)
+        if rows > 1 and self.packed is not None:
+            y = torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        elif rows == 1 and self.blocks is not None:
             y = torch.bmm(x.reshape(self.SPLITS, 1, -1), self.blocks).sum(0)
             if self.bias is not None:
                 y += self.bias
-            return y.view(*x.shape[:-1], self.out_features)
-        return F.linear(x, self.weight, self.bias)
+            y = y.view(*x.shape[:-1], self.out_features)
+        else:
+            y = F.linear(x, self.weight, self.bias)
+        return y if residual is None else residual + y
+
+
+def _rows(residual: torch.Tensor | None, rows: int) -> torch.Tensor | None:
+    """The residual stream as kernels.cpp adds it to its output: contiguous float32, rows x features values."""
+    return residual if residual is None or residual.is_contiguous() else residual.contiguous()
 
 
 def kernel_layout(weight: torch.Tensor) -> torch.Tensor:
@@ -293,16 +300,20 @@ class Int8Kernel:
                 qweight = torch._make_per_channel_quantized_tensor(q.cpu(), scale.double().cpu(), zero, 0)
                 self.packed = torch.ops.quantized.linear_prepack(qweight, self.bias)
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
         if flat.dtype != torch.float32:  # tested first: a no-op .float() still costs a dispatch, 49 times a step
             flat = flat.float()
         if self.one_row is not None and (flat.shape[0] == 1 or self.packed is None):
+            if x.dtype == torch.float32:
+                return self.one_row(flat.contiguous(), self.q, self.scale, self.bias,
+                                    _rows(residual, flat.shape[0])).view(*x.shape[:-1], self.out_features)
             y = self.one_row(flat.contiguous(), self.q, self.scale, self.bias)
         else:
             y = torch.ops.quantized.linear_dynamic(flat, self.packed, True)
         y = y.view(*x.shape[:-1], self.out_features)
-        return y if y.dtype == x.dtype else y.to(x.dtype)
+        y = y if y.dtype == x.dtype else y.to(x.dtype)
+        return y if residual is None else residual + y
 
 
 class Float16Kernel:
@@ -322,16 +333,20 @@ class Float16Kernel:
         self.weight = weight.detach().contiguous()
         self.packed = torch.ops.quantized.linear_prepack_fp16(weight.detach().float(), self.bias)
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
         if flat.dtype != torch.float32:
             flat = flat.float()
         if self.own is not None and flat.shape[0] <= Float32Kernel.OWN_ROWS:
+            if x.dtype == torch.float32:
+                return self.own(flat.contiguous(), self.weight, self.bias,
+                                _rows(residual, flat.shape[0])).view(*x.shape[:-1], self.out_features)
             y = self.own(flat.contiguous(), self.weight, self.bias)
         else:
             y = torch.ops.quantized.linear_dynamic_fp16(flat, self.packed)
         y = y.view(*x.shape[:-1], self.out_features)
-        return y if y.dtype == x.dtype else y.to(x.dtype)
+        y = y if y.dtype == x.dtype else y.to(x.dtype)
+        return y if residual is None else residual + y
 
 
 class FusedLinears:
