@@ -52,12 +52,14 @@ def step_ms(model, prompt, steps: int, repeats: int) -> float:
 
 
 def stub_matrix_products(model) -> None:
-    """Replace every packed weight-matrix kernel by one that only allocates its zero result."""
+    """Replace every packed weight-matrix kernel by one that only allocates its result: zeros, or a copy of the
+    residual stream the kernel would have added to its output."""
     from tinyformer.model.layers import Linear
     from tinyformer.model.quant import FusedLinears
 
     def stub(out_features):
-        return lambda x: x.new_zeros(*x.shape[:-1], out_features)
+        return lambda x, residual=None: (x.new_zeros(*x.shape[:-1], out_features) if residual is None
+                                         else residual.clone())
 
     for module in model.modules():
         if isinstance(module, Linear) and module._kernel is not None:

@@ -223,7 +223,8 @@ class KVCache:
             else:
                 rows = self.rows[:, :used] if order is None else self.rows[order, :used]
                 slots = torch.arange(used, device=rows.device).expand_as(rows)
-                spare[:, :, :, :used] = buffer[:, rows, :, slots].permute(2, 0, 3, 1, 4)  # [B, used, L, H, D] ->
+                # buffer[:, rows, :, slots] is [B, used, L, H, D]
+                spare[:, :, :, :used] = buffer[:, rows, :, slots].permute(2, 0, 3, 1, 4)
         (self.k, self.v), self._spare = self._spare, (self.k, self.v)
         self.rows = None
 
