@@ -29,6 +29,7 @@ OpenMP wake-ups, which cost ~12 ms each on this VM, do not hide the kernels; iss
 """
 from __future__ import annotations
 
+import mmap
 import warnings
 
 import torch
@@ -189,7 +190,7 @@ class Float32Kernel:
         rows = x.numel() // x.shape[-1]
         if self.own is not None and rows <= self.OWN_ROWS:
             return self.own(x.reshape(rows, -1).contiguous(), self.weight, self.bias,
-                            _rows(residual, rows)).view(*x.shape[:-1], self.out_features)
+                            _contiguous(residual)).view(*x.shape[:-1], self.out_features)
         if rows > 1 and self.packed is not None:
             y = torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         elif rows == 1 and self.blocks is not None:
@@ -202,8 +203,8 @@ class Float32Kernel:
         return y if residual is None else residual + y
 
 
-def _rows(residual: torch.Tensor | None, rows: int) -> torch.Tensor | None:
-    """The residual stream as kernels.cpp adds it to its output: contiguous float32, rows x features values."""
+def _contiguous(residual: torch.Tensor | None) -> torch.Tensor | None:
+    """The residual stream as kernels.cpp adds it to its output: contiguous float32 values, in any shape."""
     return residual if residual is None or residual.is_contiguous() else residual.contiguous()
 
 
@@ -231,8 +232,6 @@ class HugePages:
     PAGE = 2 << 20
 
     def __init__(self):
-        import mmap
-
         self.enabled = hasattr(mmap, "MADV_HUGEPAGE") and hasattr(mmap, "MAP_PRIVATE")
         self._chunk, self._used = None, 0
 
@@ -250,8 +249,6 @@ class HugePages:
         return out.copy_(t)
 
     def _map(self, nbytes: int) -> torch.Tensor | None:
-        import mmap
-
         try:
             area = mmap.mmap(-1, nbytes + self.PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
             area.madvise(mmap.MADV_HUGEPAGE)
@@ -307,7 +304,7 @@ class Int8Kernel:
         if self.one_row is not None and (flat.shape[0] == 1 or self.packed is None):
             if x.dtype == torch.float32:
                 return self.one_row(flat.contiguous(), self.q, self.scale, self.bias,
-                                    _rows(residual, flat.shape[0])).view(*x.shape[:-1], self.out_features)
+                                    _contiguous(residual)).view(*x.shape[:-1], self.out_features)
             y = self.one_row(flat.contiguous(), self.q, self.scale, self.bias)
         else:
             y = torch.ops.quantized.linear_dynamic(flat, self.packed, True)
@@ -340,7 +337,7 @@ class Float16Kernel:
         if self.own is not None and flat.shape[0] <= Float32Kernel.OWN_ROWS:
             if x.dtype == torch.float32:
                 return self.own(flat.contiguous(), self.weight, self.bias,
-                                _rows(residual, flat.shape[0])).view(*x.shape[:-1], self.out_features)
+                                _contiguous(residual)).view(*x.shape[:-1], self.out_features)
             y = self.own(flat.contiguous(), self.weight, self.bias)
         else:
             y = torch.ops.quantized.linear_dynamic_fp16(flat, self.packed)
