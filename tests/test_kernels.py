@@ -284,6 +284,21 @@ def test_cached_decode_attention_writes_the_slot_then_attends(library):
 
 
 @needs_kernels
+def test_cached_decode_attention_on_the_fused_product_equals_it_on_q_k_v(library):
+    g = torch.Generator().manual_seed(10)
+    caches = [torch.randn(2, 3, 4, 9, 16, generator=g) for _ in range(2)]
+    qkv = torch.randn(3, 1, 3 * 4 * 16, generator=g)
+    q, k, v = qkv.view(3, 1, 3, 4, 16).permute(2, 0, 3, 1, 4).unbind(0)
+    rows = torch.tensor([[2, 0, 1, 1, 0, 0, 0, 0, 0], [0, 1, 2, 2, 1, 1, 1, 1, 1], [1, 1, 0, 2, 2, 2, 2, 2, 2]])
+    split = [c.clone() for c in caches]
+    fused = library.cached_decode_attention_fused(qkv, *caches, 1, 4, 5, None, rows)
+    assert torch.equal(fused, library.cached_decode_attention(q, k, v, *split, 1, 4, 5, None, rows))
+    assert torch.equal(caches[0], split[0]) and torch.equal(caches[1], split[1])
+    with pytest.raises(RuntimeError, match=r"qkv: contiguous float32 \[3, 1, 3 x 4 x 16\]"):
+        library.cached_decode_attention_fused(qkv[..., :-16], *caches, 1, 4, 5, None, rows)
+
+
+@needs_kernels
 def test_cached_decode_attention_reads_each_slot_from_the_row_the_table_names(library):
     g = torch.Generator().manual_seed(11)
     k_cache, v_cache = torch.randn(2, 3, 2, 8, 32, generator=g), torch.randn(2, 3, 2, 8, 32, generator=g)
@@ -374,15 +389,18 @@ def test_decoding_through_the_attention_kernels_equals_sdpa(library, kind):
         return [s.tokens for s in steps], torch.tensor([[lp for _, lp in row] for s in steps for row in s.top])
 
     calls = []
-    attend = KVCache.attend
+    attend, attend_fused = KVCache.attend, KVCache.attend_fused
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(KVCache, "attend", lambda *args: calls.append(1) or attend(*args))
+        patch.setattr(KVCache, "attend", lambda *args: calls.append("split") or attend(*args))
+        patch.setattr(KVCache, "attend_fused", lambda *args: calls.append("fused") or attend_fused(*args))
         ours, our_logprobs = decode()
     for attention in model.modules():
         if isinstance(attention, Attention):
             attention._decode_kernel = None
     sdpa, sdpa_logprobs = decode()
-    assert len(calls) == 11 * 2  # every cached step of both layers went through the kernel
+    # every cached step of both layers went through the kernel: on the fused q/k/v product where keys have as many
+    # heads as queries and no rotary positions apply, else on q, k and v
+    assert calls == ["fused" if kind == "tiny" else "split"] * (11 * 2)
     assert ours == sdpa
     torch.testing.assert_close(our_logprobs, sdpa_logprobs, rtol=0, atol=1e-5)
 

@@ -137,6 +137,11 @@ class KVCache:
         self._attended = True
         return cached_decode_attention(q, k, v, self.k, self.v, layer, self._slots.start, self._read, mask, self.rows)
 
+    def attend_fused(self, layer: int, qkv, mask, cached_decode_attention_fused) -> torch.Tensor:
+        """attend() on the fused q/k/v product [B, 1, 3 x heads x head_dim] (heads = kv_heads)."""
+        self._attended = True
+        return cached_decode_attention_fused(qkv, self.k, self.v, layer, self._slots.start, self._read, mask, self.rows)
+
     def advance(self, T: int) -> None:
         self.length += T
 

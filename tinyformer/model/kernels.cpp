@@ -501,6 +501,21 @@ at::Tensor cached_decode_attention(const at::Tensor& q, const at::Tensor& k_new,
                         mask, table, table ? rows->stride(0) : 0);
 }
 
+// cached_decode_attention on the fused q/k/v product qkv [B, 1, 3 * H * D] (q, k and v side by side, as
+// layers.Attention computes them in one product when keys have as many heads as queries): its views are taken here,
+// where they cost no Python (five small ops a layer from Python).
+at::Tensor cached_decode_attention_fused(const at::Tensor& qkv, at::Tensor& k_cache, at::Tensor& v_cache,
+                                         int64_t layer, int64_t slot, int64_t read,
+                                         const c10::optional<at::Tensor>& mask, const c10::optional<at::Tensor>& rows) {
+  TORCH_CHECK(k_cache.dim() == 5, "caches: [layers, batch, kv_heads, capacity, head_dim]");
+  const int64_t B = k_cache.size(1), H = k_cache.size(2), D = k_cache.size(4);
+  TORCH_CHECK(qkv.scalar_type() == at::kFloat && qkv.is_contiguous() && qkv.numel() == B * 3 * H * D,
+              "qkv: contiguous float32 [", B, ", 1, 3 x ", H, " x ", D, "] (q, k and v side by side), got ",
+              qkv.sizes());
+  const auto parts = qkv.view({B, 1, 3, H, D}).permute({2, 0, 3, 1, 4});  // [3, B, H, 1, D]
+  return cached_decode_attention(parts[0], parts[1], parts[2], k_cache, v_cache, layer, slot, read, mask, rows);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(tinyformer, m) {
@@ -509,4 +524,6 @@ TORCH_LIBRARY(tinyformer, m) {
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor? mask) -> Tensor", &decode_attention);
   m.def("cached_decode_attention(Tensor q, Tensor k_new, Tensor v_new, Tensor(a!) k_cache, Tensor(b!) v_cache, "
         "int layer, int slot, int read, Tensor? mask, Tensor? rows=None) -> Tensor", &cached_decode_attention);
+  m.def("cached_decode_attention_fused(Tensor qkv, Tensor(a!) k_cache, Tensor(b!) v_cache, int layer, int slot, "
+        "int read, Tensor? mask, Tensor? rows=None) -> Tensor", &cached_decode_attention_fused);
 }

@@ -144,6 +144,7 @@ class Attention(nn.Module):
         self.last_weights: torch.Tensor | None = None  # filled when record_attention is on
         self._qkv: FusedLinears | None = None
         self._decode_kernel = None  # kernels.cpp's op for a decode step's attention, set by pack
+        self._fused_decode_kernel = None  # the same on the fused q/k/v product (self-attention)
 
     def pack(self) -> None:
         """After the Linears are packed (quant.pack): self-attention's q, k and v as one product (cross-attention's
@@ -154,6 +155,8 @@ class Attention(nn.Module):
         # GPT-2 step's time outside the matrix products
         if library is not None:
             self._decode_kernel = (library.decode_attention if self.cross else library.cached_decode_attention).default
+            if not self.cross and self.n_kv_heads == self.n_heads:
+                self._fused_decode_kernel = library.cached_decode_attention_fused.default
 
     def project_kv(self, h: torch.Tensor, unpadded=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Cross-attention's k and v [B, kv_heads, S, head_dim] of the encoder output h [B, S, d_model]; with
@@ -172,9 +175,14 @@ class Attention(nn.Module):
         return (k.view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2),
                 v.view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2))
 
-    def _project_qkv(self, x, B: int, T: int, unpadded=None):
-        """q [B, heads, T, head_dim], k and v [B, kv_heads, T, head_dim] of self-attention."""
-        fused = self._qkv.fused(x) if self._qkv is not None and self.n_kv_heads == self.n_heads else None
+    def _fused_qkv(self, x):
+        """q, k and v side by side from one product [..., 3 x heads x head_dim], or None (grouped keys, autograd, a
+        weight changed)."""
+        return self._qkv.fused(x) if self._qkv is not None and self.n_kv_heads == self.n_heads else None
+
+    def _project_qkv(self, x, B: int, T: int, unpadded=None, fused=None):
+        """q [B, heads, T, head_dim], k and v [B, kv_heads, T, head_dim] of self-attention (from `fused`, the
+        fused product of x, when given)."""
         if fused is not None:  # one view of the fused product: 3 small ops a layer instead of 7 in a decode step
             if unpadded is not None:
                 fused = unpadded.unpack(fused)
@@ -210,7 +218,12 @@ class Attention(nn.Module):
             if kernel is not None:
                 return self.o_proj(kernel(q, k, v, attn_mask).view(B, T, -1), residual)
         else:
-            q, k, v = self._project_qkv(x, B, T, unpadded)
+            fused = self._fused_qkv(x)
+            if (fused is not None and kernel is not None and cache is not None and rope is None
+                    and self._fused_decode_kernel is not None):  # the views of q, k and v taken in the kernel
+                out = cache.attend_fused(self.layer_index, fused, attn_mask, self._fused_decode_kernel)
+                return self.o_proj(out.view(B, T, -1), residual)
+            q, k, v = self._project_qkv(x, B, T, unpadded, fused)
             G = 1
             if rope is not None:
                 q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
