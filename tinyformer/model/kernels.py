@@ -13,7 +13,9 @@ oneDNN's matrix-vector products read small matrices slowly (an opus-mt-sized dec
 GB/s); float_linear reads them at ~19-21 and made a beam-4 translation 1.31x faster; on bfloat16 weights it beats
 fbgemm's float16 kernel (GPT-2's 49 matrices 11.3 vs 13.2 ms). SDPA's CPU kernel spreads a decode step's few
 (row, head) pairs over the threads and waits for them; decode_attention runs them on one thread when they are few
-and reads the KV cache in place (GPT-2 batch 8 1.16x, a batch-32 beam-4 translation 1.10x).
+(below 2^15 query-key products) and reads the KV cache in place, through beam search's row table (GPT-2 batch 8
+1.16x, a batch-32 beam-4 translation 1.10x). The matrix kernels add the residual stream as they store their
+output.
 
 The build needs a C++ compiler (g++ or clang) and ninja (a dependency), and an x86-64 CPU with AVX2 and FMA (every
 such CPU also has F16C, which the float16 loads use); it
