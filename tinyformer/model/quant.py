@@ -203,6 +203,13 @@ class Float32Kernel:
         return y if residual is None else residual + y
 
 
+def _as_output(y: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+    """A float32 kernel's [rows, out] result shaped and typed like x, plus the residual stream when given."""
+    y = y.view(*x.shape[:-1], y.shape[-1])
+    y = y if y.dtype == x.dtype else y.to(x.dtype)
+    return y if residual is None else residual + y
+
+
 def _contiguous(residual: torch.Tensor | None) -> torch.Tensor | None:
     """The residual stream as kernels.cpp adds it to its output: contiguous float32 values, in any shape."""
     return residual if residual is None or residual.is_contiguous() else residual.contiguous()
@@ -214,7 +221,8 @@ def kernel_layout(weight: torch.Tensor) -> torch.Tensor:
     OWN_MAX_BYTES, else row-major, which kernels.cpp reads (fbgemm's and oneDNN's kernels pack their own copies)."""
     if weight.device.type != "cpu":
         return weight.contiguous()
-    if weight.dtype == torch.float32 and (kernels.library() is None or weight.numel() * 4 > Float32Kernel.OWN_MAX_BYTES):
+    if weight.dtype == torch.float32 and (kernels.library() is None
+                                          or weight.numel() * 4 > Float32Kernel.OWN_MAX_BYTES):
         return HUGE_PAGES.copy(weight.t()).t()
     return HUGE_PAGES.copy(weight)
 
@@ -308,9 +316,7 @@ class Int8Kernel:
             y = self.one_row(flat.contiguous(), self.q, self.scale, self.bias)
         else:
             y = torch.ops.quantized.linear_dynamic(flat, self.packed, True)
-        y = y.view(*x.shape[:-1], self.out_features)
-        y = y if y.dtype == x.dtype else y.to(x.dtype)
-        return y if residual is None else residual + y
+        return _as_output(y, x, residual)
 
 
 class Float16Kernel:
@@ -341,9 +347,7 @@ class Float16Kernel:
             y = self.own(flat.contiguous(), self.weight, self.bias)
         else:
             y = torch.ops.quantized.linear_dynamic_fp16(flat, self.packed)
-        y = y.view(*x.shape[:-1], self.out_features)
-        y = y if y.dtype == x.dtype else y.to(x.dtype)
-        return y if residual is None else residual + y
+        return _as_output(y, x, residual)
 
 
 class FusedLinears:
