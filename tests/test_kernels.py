@@ -354,7 +354,6 @@ def test_a_cache_reordered_by_its_row_table_gathers_into_the_copied_layout():
 def test_beam_search_reorders_the_cache_by_its_row_table(library, kind):
     from tinyformer.generation import beam_search_batch
     from tinyformer.generation.cache import KVCache
-    from tinyformer.model.layers import Attention
 
     model = tiny_model(kind, vocab_size=64).pack_for_inference()
     prompts = [[5, 9, 2, 40, 7], [3, 8]]
@@ -364,9 +363,7 @@ def test_beam_search_reorders_the_cache_by_its_row_table(library, kind):
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(KVCache, "select", lambda cache, *a, **k: select(cache, *a, **k) or tables.append(cache.rows))
         ours = beam_search_batch(model, prompts, **options)
-    for attention in model.modules():  # every step through SDPA: the cache reordered by copying its keys
-        if isinstance(attention, Attention):
-            attention._decode_kernel = None
+    sdpa_steps(model)  # every step through SDPA: the cache reordered by copying its keys
     copied = beam_search_batch(model, prompts, **options)
     assert len(tables) == 9 and all(t is not None for t in tables[1:])  # the table from the second reorder on
     assert [[b.tokens for b in r] for r in ours] == [[b.tokens for b in r] for r in copied]
@@ -379,7 +376,6 @@ def test_beam_search_reorders_the_cache_by_its_row_table(library, kind):
 def test_decoding_through_the_attention_kernels_equals_sdpa(library, kind):
     from tinyformer.generation import TokenStream
     from tinyformer.generation.cache import KVCache
-    from tinyformer.model.layers import Attention
 
     model = tiny_model(kind, vocab_size=64).pack_for_inference()
     prompts = [[5, 9, 2, 40, 7], [3, 8], [60, 1, 2, 3, 4, 5, 6, 7]]  # left-padded into one batch
@@ -393,16 +389,139 @@ def test_decoding_through_the_attention_kernels_equals_sdpa(library, kind):
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(KVCache, "attend", lambda *args: calls.append("split") or attend(*args))
         patch.setattr(KVCache, "attend_fused", lambda *args: calls.append("fused") or attend_fused(*args))
+        python_steps(model)
         ours, our_logprobs = decode()
-    for attention in model.modules():
-        if isinstance(attention, Attention):
-            attention._decode_kernel = None
+    sdpa_steps(model)
     sdpa, sdpa_logprobs = decode()
     # every cached step of both layers went through the kernel: on the fused q/k/v product where keys have as many
     # heads as queries and no rotary positions apply, else on q, k and v
     assert calls == ["fused" if kind == "tiny" else "split"] * (11 * 2)
     assert ours == sdpa
     torch.testing.assert_close(our_logprobs, sdpa_logprobs, rtol=0, atol=1e-5)
+
+
+def python_steps(model) -> None:
+    """Decode steps through the blocks' Python layers (each block's one-call step, DecoderLayer, off)."""
+    from tinyformer.model.layers import Block
+
+    for block in model.modules():
+        if isinstance(block, Block):
+            block._decode_layer = None
+
+
+def sdpa_steps(model) -> None:
+    """Decode steps through Python's layers and SDPA (no kernels.cpp attention either)."""
+    from tinyformer.model.layers import Attention
+
+    python_steps(model)
+    for attention in model.modules():
+        if isinstance(attention, Attention):
+            attention._decode_kernel = None
+
+
+def count_layer_steps(patch) -> list:
+    """Patch KVCache.decode_layer to record the layer index of every one-call block step."""
+    from tinyformer.generation.cache import KVCache
+
+    calls, decode_layer = [], KVCache.decode_layer
+    patch.setattr(KVCache, "decode_layer", lambda cache, layer, *a: calls.append(layer) or decode_layer(cache, layer, *a))
+    return calls
+
+
+@needs_kernels
+@pytest.mark.parametrize("weights", ["float32", "bfloat16", "int8"])
+@pytest.mark.parametrize("overrides", [{}, dict(mlp="swiglu", bias=True), dict(mlp="relu", norm_position="post"),
+                                       dict(mlp="silu"), dict(gelu_approximate="none")])
+def test_a_blocks_decode_step_in_one_call_equals_its_python_layers_bit_for_bit(library, weights, overrides):
+    from tinyformer.generation import TokenStream
+
+    options = {"float32": {}, "bfloat16": {"dtype": "bfloat16"}, "int8": {"quantize": "int8"}}[weights]
+    model = quant.pack(quant.set_precision(tiny_model("tiny", vocab_size=64, **overrides), **options))
+    with torch.no_grad():  # norms and biases away from 1 and 0, so a swapped or dropped one shows
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.add_(0.3 * torch.randn_like(p))
+    model.pack_for_inference()
+    # int8 runs its few-row steps through fbgemm, so its batch is one prompt; float weights take up to 4 rows
+    prompts = [[5, 9, 2, 40, 7]] if weights == "int8" else [[5, 9, 2, 40, 7], [3, 8], [60, 1, 2, 3, 4, 5, 6, 7]]
+
+    def decode():
+        steps = list(TokenStream(model, prompts, max_new_tokens=12, top_n=3))
+        return [s.tokens for s in steps], torch.tensor([[lp for _, lp in row] for s in steps for row in s.top])
+
+    with pytest.MonkeyPatch.context() as patch:
+        calls = count_layer_steps(patch)
+        ours, our_logprobs = decode()
+    python_steps(model)
+    theirs, their_logprobs = decode()
+    assert calls == [0, 1] * 11  # every cached step of both blocks in one call each
+    assert ours == theirs
+    assert torch.equal(our_logprobs, their_logprobs)
+
+
+@needs_kernels
+@pytest.mark.parametrize("overrides", [{}, dict(norm_position="post", final_norm=False, mlp="silu")])
+def test_a_seq2seq_decoder_blocks_step_in_one_call_equals_its_python_layers_greedy_and_beam(library, overrides):
+    from .helpers import seq2seq_lm
+
+    lm = seq2seq_lm(seed=2, **overrides)
+    with torch.no_grad():  # the decoder's norms and biases away from 1 and 0, so a swapped or dropped one shows
+        for name, p in lm.model.named_parameters():
+            if p.dim() == 1 and name.startswith("decoder"):
+                p.add_(0.3 * torch.randn_like(p))
+    lm.model.pack_for_inference()
+    sources = ["je suis content .", "il est grand", "农夫山泉 là !"]
+
+    def decode():
+        greedy = lm.generate(sources, max_new_tokens=12, temperature=0, logprobs=0, details=True)
+        beams = lm.generate(sources[0], max_new_tokens=10, num_beams=4, num_return_sequences=4, details=True)
+        return ([g.token_ids for g in greedy], [g.logprobs for g in greedy],
+                [beams.token_ids] + [a.token_ids for a in beams.alternatives], beams.score)
+
+    with pytest.MonkeyPatch.context() as patch:
+        calls = count_layer_steps(patch)
+        ours = decode()
+    python_steps(lm.model)
+    theirs = decode()
+    assert len(calls) > 2 * 18 and set(calls) == {0, 1}  # greedy at 3 rows and beam 4 at 4 rows, both layers
+    assert ours == theirs  # tokens, log-probabilities and the beam's score exactly
+    assert len(set(map(tuple, ours[0]))) > 1
+
+
+@needs_kernels
+def test_a_block_whose_weight_changed_after_packing_steps_through_python(library):
+    from tinyformer.generation import TokenStream
+
+    model = tiny_model("tiny", vocab_size=64).pack_for_inference()
+    with torch.no_grad():
+        model.blocks[1].mlp.up.weight.mul_(1.5)
+
+    def decode():
+        return [s.tokens for s in TokenStream(model, [[5, 9, 2, 40, 7]], max_new_tokens=6)]
+
+    with pytest.MonkeyPatch.context() as patch:
+        calls = count_layer_steps(patch)
+        ours = decode()
+    assert calls == [0] * 5  # block 1 runs its Python layers, which see the new weight
+    fresh = tiny_model("tiny", vocab_size=64)
+    with torch.no_grad():
+        fresh.blocks[1].mlp.up.weight.mul_(1.5)
+    assert ours == [s.tokens for s in TokenStream(fresh, [[5, 9, 2, 40, 7]], max_new_tokens=6)]
+
+
+@needs_kernels
+def test_a_decoder_layer_refuses_bad_input_in_one_line(library):
+    model = tiny_model("tiny", vocab_size=64).pack_for_inference()
+    block = model.blocks[0]
+    k = torch.zeros(4, 1, 4, 8, 32)
+    with pytest.raises(RuntimeError, match=r"x: contiguous float32 \[batch, 1, d_model\], got \[1, 2, 128\]"):
+        block._decode_layer(torch.zeros(1, 2, 128), k, k.clone(), 0, 0, 1, None, None, None, None, None)
+    with pytest.raises(RuntimeError, match="this layer has no cross-attention"):
+        block._decode_layer(torch.zeros(1, 1, 128), k, k.clone(), 0, 0, 1, None, None, k[0], k[0], None)
+    norms = [block.norm1.weight, block.norm1.bias, None, None, block.norm2.weight, block.norm2.bias]
+    matrices = [block.attn._qkv.kernel.weight, None, None] + [None] * 18
+    with pytest.raises(RuntimeError, match="activation tanh is not one of relu, gelu, gelu_tanh, silu, swiglu"):
+        torch.classes.tinyformer.DecoderLayer(norms, matrices, 4, 32, False, "tanh", 1e-5)
 
 
 def test_switched_off_by_the_environment(monkeypatch):

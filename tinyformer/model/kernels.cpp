@@ -22,9 +22,14 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/gelu.h>
+#include <ATen/ops/layer_norm.h>
+#include <ATen/ops/relu.h>
+#include <ATen/ops/silu.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Exception.h>
 #include <c10/util/Half.h>
+#include <torch/custom_class.h>
 #include <torch/library.h>
 
 #include <immintrin.h>
@@ -516,9 +521,119 @@ at::Tensor cached_decode_attention_fused(const at::Tensor& qkv, at::Tensor& k_ca
   return cached_decode_attention(parts[0], parts[1], parts[2], k_cache, v_cache, layer, slot, read, mask, rows);
 }
 
+// ------------------------------------------------------------------------------------------ a decoder layer's step
+
+// One weight matrix as the kernels above read it: int8 with one scale per output row, or float32 / 16-bit.
+struct Matrix {
+  at::Tensor weight;
+  c10::optional<at::Tensor> scale, bias;
+  at::Tensor operator()(const at::Tensor& x, const c10::optional<at::Tensor>& residual = c10::nullopt) const {
+    return scale.has_value() ? int8_linear(x, weight, *scale, bias, residual) : float_linear(x, weight, bias, residual);
+  }
+};
+
+// A Transformer block's decode step (one new token a row) in one call: the same ATen norms and activations and the
+// same kernels as layers.Block runs from Python, in the same order, so the result is bit for bit the same; what
+// goes is the Python between them (module calls, views, checks: ~60% of a GPT-2 int8 step's time outside the
+// matrix products here). Self-attention on the fused q/k/v product and the KV cache; cross-attention (seq2seq
+// decoders) to keys and values the cache holds per source; pre-norm, x + f(norm(x)), or post-norm, norm(x + f(x)).
+struct DecoderLayer : torch::CustomClassHolder {
+  std::vector<c10::optional<at::Tensor>> norms;  // weight, bias of: self-attention, cross-attention, feed-forward
+  std::vector<Matrix> matrices;  // q/k/v fused, output; cross: q, output; feed-forward: up, gate, down
+  int64_t heads, head_dim;
+  bool post_norm, cross;
+  std::string activation;  // relu, gelu, gelu_tanh, silu, swiglu (silu(gate) * up)
+  double eps;
+
+  enum { kQKV, kOut, kCrossQ, kCrossOut, kUp, kGate, kDown };
+
+  DecoderLayer(c10::List<c10::optional<at::Tensor>> norm_tensors, c10::List<c10::optional<at::Tensor>> matrix_tensors,
+               int64_t heads, int64_t head_dim, bool post_norm, std::string activation, double eps)
+      : heads(heads), head_dim(head_dim), post_norm(post_norm), activation(std::move(activation)), eps(eps) {
+    TORCH_CHECK(norm_tensors.size() == 6 && matrix_tensors.size() == 21,
+                "DecoderLayer: 3 norms (weight, bias) and 7 matrices (weight, scale, bias)");
+    for (const auto& t : norm_tensors) norms.push_back(t);
+    for (size_t i = 0; i < 21; i += 3) {
+      const c10::optional<at::Tensor> weight = matrix_tensors.get(i);
+      matrices.push_back({weight.has_value() ? *weight : at::Tensor(), matrix_tensors.get(i + 1), matrix_tensors.get(i + 2)});
+    }
+    cross = matrices[kCrossQ].weight.defined();
+    const std::vector<std::string> known{"relu", "gelu", "gelu_tanh", "silu", "swiglu"};
+    TORCH_CHECK(std::find(known.begin(), known.end(), this->activation) != known.end(), "activation ",
+                this->activation, " is not one of relu, gelu, gelu_tanh, silu, swiglu");
+    for (int i : {kQKV, kOut, kUp, kDown})
+      TORCH_CHECK(matrices[i].weight.defined(), "DecoderLayer: matrix ", i, " missing");
+    TORCH_CHECK(!cross || matrices[kCrossOut].weight.defined(), "DecoderLayer: cross-attention output missing");
+    TORCH_CHECK((this->activation == "swiglu") == matrices[kGate].weight.defined(), "DecoderLayer: gate iff swiglu");
+  }
+
+  at::Tensor norm(const at::Tensor& x, int which) const {
+    return at::layer_norm(x, {x.size(-1)}, norms[2 * which], norms[2 * which + 1], eps);
+  }
+
+  // One sublayer: x + f(norm(x)) or norm(x + f(x)); f adds its residual argument as it stores its output.
+  template <class F>
+  at::Tensor sublayer(const at::Tensor& x, int which, const F& f) const {
+    return post_norm ? norm(f(x, x), which) : f(norm(x, which), x);
+  }
+
+  // x [B, 1, d_model] float32 -> the layer's output, same shape. Self-attention writes this token's keys and
+  // values into slot `slot` of layer `layer` of the cache and reads slots [0, read) (cached_decode_attention);
+  // cross-attention reads cross_k, cross_v [sources, heads, S, head_dim] (the B rows are sources x beams).
+  at::Tensor step(const at::Tensor& x_in, at::Tensor& k_cache, at::Tensor& v_cache, int64_t layer, int64_t slot,
+                  int64_t read, const c10::optional<at::Tensor>& mask, const c10::optional<at::Tensor>& rows,
+                  const c10::optional<at::Tensor>& cross_k, const c10::optional<at::Tensor>& cross_v,
+                  const c10::optional<at::Tensor>& cross_mask) const {
+    TORCH_CHECK(x_in.dim() == 3 && x_in.size(1) == 1 && x_in.is_contiguous() && x_in.scalar_type() == at::kFloat,
+                "x: contiguous float32 [batch, 1, d_model], got ", x_in.sizes());
+    TORCH_CHECK(cross == cross_k.has_value() && cross == cross_v.has_value(),
+                cross ? "this layer's cross-attention needs cross_k and cross_v" : "this layer has no cross-attention");
+    const int64_t B = x_in.size(0);
+    at::Tensor x = x_in.view({B, x_in.size(2)});
+    x = sublayer(x, 0, [&](const at::Tensor& h, const at::Tensor& residual) {
+      const at::Tensor a = cached_decode_attention_fused(matrices[kQKV](h), k_cache, v_cache, layer, slot, read, mask, rows);
+      return matrices[kOut](a.view({B, heads * head_dim}), residual);
+    });
+    if (cross)
+      x = sublayer(x, 1, [&](const at::Tensor& h, const at::Tensor& residual) {
+        const int64_t sources = cross_k->size(0);
+        TORCH_CHECK(sources > 0 && B % sources == 0, "cross_k: ", sources, " sources for ", B, " rows");
+        // the G rows (beams) of a source share its keys: folded into the query length, [sources, heads, G, hd]
+        const at::Tensor q = matrices[kCrossQ](h).view({sources, B / sources, heads, head_dim}).transpose(1, 2);
+        const at::Tensor a = attention_over(q, *cross_k, *cross_v, cross_mask, nullptr, 0);
+        return matrices[kCrossOut](a.view({B, heads * head_dim}), residual);
+      });
+    x = sublayer(x, 2, [&](const at::Tensor& h, const at::Tensor& residual) {
+      at::Tensor u;
+      if (activation == "swiglu") {
+        const at::Tensor gate = matrices[kGate](h);
+        u = at::silu(gate).mul(matrices[kUp](h));
+      } else {
+        u = matrices[kUp](h);
+        if (activation == "relu") u = at::relu(u);
+        else if (activation == "silu") u = at::silu(u);
+        else u = at::gelu(u, activation == "gelu" ? "none" : "tanh");
+      }
+      return matrices[kDown](u, residual);
+    });
+    return x.view(x_in.sizes());
+  }
+};
+
+at::Tensor decoder_layer_step(const c10::intrusive_ptr<DecoderLayer>& self, const at::Tensor& x,
+                              at::Tensor& k_cache, at::Tensor& v_cache, int64_t layer, int64_t slot, int64_t read,
+                              const c10::optional<at::Tensor>& mask, const c10::optional<at::Tensor>& rows,
+                              const c10::optional<at::Tensor>& cross_k, const c10::optional<at::Tensor>& cross_v,
+                              const c10::optional<at::Tensor>& cross_mask) {
+  return self->step(x, k_cache, v_cache, layer, slot, read, mask, rows, cross_k, cross_v, cross_mask);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(tinyformer, m) {
+  m.class_<DecoderLayer>("DecoderLayer")
+      .def(torch::init<c10::List<c10::optional<at::Tensor>>, c10::List<c10::optional<at::Tensor>>, int64_t, int64_t,
+                       bool, std::string, double>());
   m.def("int8_linear(Tensor x, Tensor w, Tensor w_scale, Tensor? bias, Tensor? residual=None) -> Tensor", &int8_linear);
   m.def("float_linear(Tensor x, Tensor w, Tensor? bias, Tensor? residual=None) -> Tensor", &float_linear);
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor? mask) -> Tensor", &decode_attention);
@@ -526,4 +641,7 @@ TORCH_LIBRARY(tinyformer, m) {
         "int layer, int slot, int read, Tensor? mask, Tensor? rows=None) -> Tensor", &cached_decode_attention);
   m.def("cached_decode_attention_fused(Tensor qkv, Tensor(a!) k_cache, Tensor(b!) v_cache, int layer, int slot, "
         "int read, Tensor? mask, Tensor? rows=None) -> Tensor", &cached_decode_attention_fused);
+  m.def("decoder_layer_step(__torch__.torch.classes.tinyformer.DecoderLayer layer, Tensor x, Tensor(a!) k_cache, "
+        "Tensor(b!) v_cache, int layer_index, int slot, int read, Tensor? mask, Tensor? rows, Tensor? cross_k, "
+        "Tensor? cross_v, Tensor? cross_mask) -> Tensor", &decoder_layer_step);
 }

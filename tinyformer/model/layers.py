@@ -1,6 +1,7 @@
 """The building blocks shared by every architecture: norms, positions, attention, feed-forward, block."""
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -315,9 +316,46 @@ class Block(nn.Module):
         self.mlp = FeedForward(config)
         self.dropout = nn.Dropout(config.dropout)
         self.post_norm = config.norm_position == "post"
+        self._decode_layer = None  # the whole decode step in one kernels.cpp call, set by pack
+        self._decode_rows, self._decode_linears, self._decode_versions = 0, [], []
+
+    def pack(self) -> None:
+        """After the Linears and the attention are packed: a decode step of the whole block as one kernels.cpp call
+        (DecoderLayer: the same norms, activations and kernels in the same order, without the Python between them),
+        when every part has a kernels.cpp form: LayerNorms, self-attention on the fused q/k/v product, every matrix
+        on kernels.cpp's few-row kernels."""
+        self._decode_layer = None
+        library = kernels.library()
+        cross = self.cross_attn
+        norms = [self.norm1, self.norm_cross if cross is not None else None, self.norm2]
+        matrices = [self.attn._qkv.kernel if self.attn._qkv is not None else None, self.attn.o_proj._kernel,
+                    cross.q_proj._kernel if cross is not None else None, cross.o_proj._kernel if cross is not None
+                    else None, self.mlp.up._kernel, self.mlp.gate._kernel if self.mlp.kind == "swiglu" else None,
+                    self.mlp.down._kernel]
+        needed = [0, 1, 4, 6] + ([2, 3] if cross is not None else []) + ([5] if self.mlp.kind == "swiglu" else [])
+        own = [m.own_matrix() if hasattr(m, "own_matrix") else None for m in matrices]
+        if (library is None or self.attn._fused_decode_kernel is None or any(own[i] is None for i in needed)
+                or not all(n is None or isinstance(n, LayerNorm) for n in norms)):
+            return
+        activation = {"gelu": "gelu" if self.mlp.approximate == "none" else "gelu_tanh"}.get(self.mlp.kind,
+                                                                                           self.mlp.kind)
+        layer = torch.classes.tinyformer.DecoderLayer(
+            [t for n in norms for t in ((n.weight, n.bias) if n is not None else (None, None))],
+            [t for m in own for t in (m[0] if m is not None else (None, None, None))],
+            self.attn.n_heads, self.attn.head_dim, self.post_norm, activation, self.norm1.eps)
+        self._decode_layer = functools.partial(library.decoder_layer_step.default, layer)
+        self._decode_rows = min(own[i][1] for i in needed)
+        self._decode_linears = [m for m in self.modules() if isinstance(m, Linear)]
+        self._decode_versions = [m._weight_version() for m in self._decode_linears]
 
     def forward(self, x, rope, mask, cache=None, record_attention=False, memory=None, memory_mask=(None, False),
                 unpadded=None):
+        if (self._decode_layer is not None and cache is not None and rope is None and x.shape[1] == 1
+                and x.shape[0] <= self._decode_rows and x.dtype == torch.float32 and not record_attention
+                and not self.training and not torch.is_grad_enabled()
+                and self._decode_versions == [m._weight_version() for m in self._decode_linears]):
+            return cache.decode_layer(self.attn.layer_index, self._decode_layer, x, mask[0], self.cross_attn, memory,
+                                      memory_mask[0])
         x = self._sublayer(x, self.norm1, self.attn, rope, mask, cache, record_attention, None, unpadded)
         if self.cross_attn is not None:
             x = self._sublayer(x, self.norm_cross, self.cross_attn, None, memory_mask, cache, record_attention,

@@ -114,7 +114,7 @@ def pack(model: nn.Module) -> nn.Module:
 
     for m in linears(model):
         m.pack()
-    for m in model.modules():
+    for m in reversed(list(model.modules())):  # inner modules first: a Block uses its attention's fused q/k/v
         if hasattr(m, "pack") and not isinstance(m, Linear):
             m.pack()
     return model
@@ -201,6 +201,10 @@ class Float32Kernel:
         else:
             y = F.linear(x, self.weight, self.bias)
         return y if residual is None else residual + y
+
+    def own_matrix(self):
+        """([weight, scale, bias], the most rows) as kernels.cpp multiplies by this weight, or None."""
+        return ([self.weight, None, self.bias], self.OWN_ROWS) if self.own is not None else None
 
 
 def _as_output(y: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
@@ -318,6 +322,12 @@ class Int8Kernel:
             y = torch.ops.quantized.linear_dynamic(flat, self.packed, True)
         return _as_output(y, x, residual)
 
+    def own_matrix(self):
+        """([weight, scale, bias], the most rows) as kernels.cpp multiplies by this weight, or None."""
+        if self.one_row is None:
+            return None
+        return [self.q, self.scale, self.bias], (1 if self.packed is not None else 1 << 30)
+
 
 class Float16Kernel:
     """bfloat16 / float16 weights: up to Float32Kernel.OWN_ROWS activation rows through kernels.cpp's float_linear,
@@ -348,6 +358,10 @@ class Float16Kernel:
         else:
             y = torch.ops.quantized.linear_dynamic_fp16(flat, self.packed)
         return _as_output(y, x, residual)
+
+    def own_matrix(self):
+        """([weight, scale, bias], the most rows) as kernels.cpp multiplies by this weight, or None."""
+        return ([self.weight, None, self.bias], Float32Kernel.OWN_ROWS) if self.own is not None else None
 
 
 class FusedLinears:
