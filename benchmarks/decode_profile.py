@@ -5,12 +5,14 @@
     python benchmarks/decode_profile.py --precisions "" --int8-kernels 10  # int8: our one-row kernel vs fbgemm's,
                                                                           # the matrices alone and 10 step pairs
 
-Each precision decodes --steps greedy tokens after a 32-token prompt, best of --repeats runs, twice: as it is, and
-with every weight-matrix kernel (the Linears' packed kernels, fused q/k/v included) replaced by a stub that returns
-zeros of the right shape. The second time is "everything else" (attention, norms, residuals, the KV cache,
-sampling, Python); the difference is "matrix products". No profiler runs during these timings: its per-op cost
-(~5 us an op, ~1,500 ops a step) would inflate "everything else" by several milliseconds. --top then profiles
-the unchanged step once and lists the costliest ops outside the matrix products. --int8-kernels N times the int8
+Each precision decodes --steps greedy tokens after a 32-token prompt, best of --repeats runs; then the step's
+matrix products alone: every weight-matrix kernel a step calls (the Linears' packed kernels, the fused q/k/v
+included, and the LM head) once each on one row, back to back, best of 20. "matrix products" is that time,
+"everything else" (attention, norms, activations, residuals, the KV cache, sampling, Python) the step minus it.
+(Earlier splits stubbed the matrices out inside the step; a block's step now runs as one kernels.cpp call,
+DecoderLayer, where they cannot be. Alone, the matrices run a little faster than between the other ops, so
+"everything else" carries that difference.) No profiler runs during these timings: its per-op cost (~5 us an op)
+would inflate "everything else". --top then profiles the unchanged step once and lists the costliest ops outside the matrix products. --int8-kernels N times the int8
 model's matrix calls alone with each kernel at 1, 2, 8 and 32 rows, then builds the int8 model twice, with
 model/kernels.cpp for one-row products and with fbgemm's kernel throughout, and times them in alternation N times
 in this one process, so that the VM's drift over minutes falls on both alike.
@@ -24,7 +26,8 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-MATMUL_OPS = ("aten::addmm", "aten::mm", "aten::bmm", "aten::linear", "aten::matmul", "mkldnn::_linear_pointwise",
+# decoder_layer_step's self time is the matrix products and attention it calls directly (no dispatcher between)
+MATMUL_OPS = ("tinyformer::decoder_layer_step", "aten::addmm", "aten::mm", "aten::bmm", "aten::linear", "aten::matmul", "mkldnn::_linear_pointwise",
               "quantized::linear_dynamic", "quantized::linear_dynamic_fp16", "aten::_weight_int8pack_mm",
               "tinyformer::int8_linear", "tinyformer::float_linear")
 
@@ -51,22 +54,22 @@ def step_ms(model, prompt, steps: int, repeats: int) -> float:
     return 1e3 * best / steps
 
 
-def stub_matrix_products(model) -> None:
-    """Replace every packed weight-matrix kernel by one that only allocates its result: zeros, or a copy of the
-    residual stream the kernel would have added to its output."""
+def matrix_ms(model, repeats: int = 20) -> float:
+    """The matrix products of one batch-1 step alone: each weight-matrix kernel once on one row, back to back."""
     from tinyformer.model.layers import Linear
     from tinyformer.model.quant import FusedLinears
 
-    def stub(out_features):
-        return lambda x, residual=None: (x.new_zeros(*x.shape[:-1], out_features) if residual is None
-                                         else residual.clone())
-
-    for module in model.modules():
-        if isinstance(module, Linear) and module._kernel is not None:
-            module._kernel = stub(module.out_features)
-        for value in vars(module).values():
-            if isinstance(value, FusedLinears) and value.kernel is not None:
-                value.kernel = stub(sum(value.sizes))
+    calls = [(m._kernel, m.in_features) for m in model.modules() if isinstance(m, Linear) and m._kernel is not None]
+    calls += [(v.kernel, v.layers[0].in_features) for m in model.modules() for v in vars(m).values()
+              if isinstance(v, FusedLinears) and v.kernel is not None]
+    inputs = [(kernel, torch.randn(1, features)) for kernel, features in calls]
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for kernel, x in inputs:
+            kernel(x)
+        best = min(best, time.perf_counter() - start)
+    return 1e3 * best
 
 
 def profile_steps(model, prompt, steps: int):
@@ -159,9 +162,8 @@ def main(argv=None) -> int:
         whole = step_ms(model, prompt, args.steps, args.repeats)
         if args.top:
             details.append((precision, profile_steps(model, prompt, args.steps)[2]))
-        stub_matrix_products(model)
-        rest = step_ms(model, prompt, args.steps, args.repeats)
-        print(f"| {precision} | {whole:.2f} | {whole - rest:.2f} | {rest:.2f} |", flush=True)
+        matrices = matrix_ms(model)
+        print(f"| {precision} | {whole:.2f} | {matrices:.2f} | {whole - matrices:.2f} |", flush=True)
         del model
     if args.int8_kernels:
         time_int8_matrices(args.seed)
