@@ -524,6 +524,27 @@ def test_a_decoder_layer_refuses_bad_input_in_one_line(library):
         torch.classes.tinyformer.DecoderLayer(norms, matrices, 4, 32, False, "tanh", 1e-5)
 
 
+@needs_kernels
+def test_argmax_rows_answers_as_torch_argmax_on_ties_infinities_and_nans(library):
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(7, 50257, generator=g)
+    x[1, [30000, 7, 40000]] = 9.0  # a tie: the first index wins
+    x[2] = float("-inf")
+    x[3, [40000, 12345]] = float("nan")  # the first NaN, whatever the largest number
+    x[4, -1] = 50.0  # in the tail past the last whole vector of 8
+    x[5, :] = 0.0
+    x[5, [100, 3]] = -0.0  # zeros of both signs tie
+    x[6, [5, 50256]] = float("inf")
+    assert x.argmax(-1).tolist() == [int(x[0].argmax()), 7, 0, 12345, 50256, 0, 5]
+    assert torch.equal(library.argmax_rows(x), x.argmax(-1))
+    for width in (1, 7, 8, 9, 17):
+        small = torch.randn(2, 3, width, generator=g)
+        assert torch.equal(library.argmax_rows(small), small.argmax(-1))  # [2, 3]: every dimension but the last
+    assert torch.equal(kernels.argmax(x.t()), x.t().argmax(-1))  # not contiguous: torch's own
+    with pytest.raises(RuntimeError, match=r"x: contiguous float32 \[..., values > 0\], got \[3, 0\]"):
+        library.argmax_rows(torch.zeros(3, 0))
+
+
 def test_switched_off_by_the_environment(monkeypatch):
     monkeypatch.setenv("TINYFORMER_KERNELS", "0")
     assert not kernels.supported()

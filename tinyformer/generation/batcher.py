@@ -28,6 +28,7 @@ from typing import Callable
 
 import torch
 
+from ..model import kernels
 from ..model.quant import activation_dtype
 from .api import check_token_ids, decoder_start, encode_prompt
 from .cache import KVCache
@@ -347,7 +348,7 @@ class Batcher:
 
     def _choose(self) -> list[int]:
         logits = self.logits.float()
-        greedy = logits.argmax(-1).tolist()
+        greedy = kernels.argmax(logits).tolist()
         wants = [s.options.logprobs for s in self.rows]
         logprobs = logits.log_softmax(-1) if any(w is not None for w in wants) else None
         tokens = [s.choose(logits[i:i + 1], greedy[i]) for i, s in enumerate(self.rows)]

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..model import kernels
 from ..model.quant import activation_dtype
 from .cache import KVCache
 from .processors import GenerationError, History, TopK
@@ -169,7 +170,7 @@ class TokenStream:
             for penalty in self.penalties:
                 logits = penalty(logits, history)
             if self.greedy:
-                chosen = logits.argmax(-1)
+                chosen = kernels.argmax(logits)
             else:
                 chosen = sample(logits, self.samplers, history, self.generator)
             tokens = chosen.tolist()

@@ -413,29 +413,37 @@ void attend_row(const float* q, const RowKeys& kv, const bool* mask, int64_t mas
   for (d = 0; d < D; d++) out[d] *= inverse;
 }
 
+// One operand of attention, [batch, heads, positions, head_dim], where it lies: any strides with head_dim
+// contiguous, so the KV cache and the columns of the fused q/k/v product are read in place (as tensor views they
+// cost ~10 ATen ops a layer, ~1 us each here).
+struct Strided {
+  const float* data;
+  int64_t batch, head, position;
+};
+
+inline Strided strided(const at::Tensor& t) { return {t.data_ptr<float>(), t.stride(0), t.stride(1), t.stride(2)}; }
+
 // Attention of a decode step: q [B, H, T, D], k and v [B, Hkv, S, D] (H a multiple of Hkv, the heads of a group
-// sharing their keys; any strides with D contiguous, so the KV cache's views and the fused q/k/v product's columns
-// are read in place), mask bool broadcastable to [B, 1, T, S] or None -> [B, T, H, D] contiguous, which is the
+// sharing their keys), mask bool broadcastable to [B, 1, T, S] or None -> [B, T, H, D] contiguous, which is the
 // output projection's input as it is. No causal mask: the T queries see the same keys (a step's one token, or the
-// beams of one source folded into T for cross-attention).
-at::Tensor attention_over(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                          const c10::optional<at::Tensor>& mask, const int64_t* rows, int64_t rows_stride) {
-  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "q, k, v: [batch, heads, length, head_dim]");
-  TORCH_CHECK(q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat,
-              "q, k, v: float32");
-  const int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3), Hkv = k.size(1), S = k.size(2);
-  TORCH_CHECK(k.size(0) == B && v.sizes() == k.sizes() && k.size(3) == D && Hkv > 0 && H % Hkv == 0,
-              "k and v [", B, ", a divisor of ", H, ", S, ", D, "], got ", k.sizes(), " and ", v.sizes());
-  TORCH_CHECK(q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1, "q, k, v: head_dim contiguous");
-  at::Tensor m;
+// beams of one source folded into T for cross-attention). With `rows`, row b's key s is in cache row rows[b][s].
+at::Tensor attend(const Strided& q, const Strided& k, const Strided& v, int64_t B, int64_t H, int64_t T, int64_t Hkv,
+                  int64_t S, int64_t D, const c10::optional<at::Tensor>& mask, const int64_t* rows,
+                  int64_t rows_stride) {
+  const bool* M = nullptr;
+  int64_t mask_batch = 0, mask_query = 0, mask_key = 0;
   if (mask.has_value()) {
-    TORCH_CHECK(mask->scalar_type() == at::kBool && mask->dim() == 4 && mask->size(1) == 1,
-                "mask: bool [batch, 1, length or 1, keys]");
-    m = mask->expand({B, 1, T, S});
+    const at::Tensor& m = *mask;
+    TORCH_CHECK(m.scalar_type() == at::kBool && m.dim() == 4 && m.size(1) == 1 && (m.size(0) == B || m.size(0) == 1) &&
+                    (m.size(2) == T || m.size(2) == 1) && (m.size(3) == S || m.size(3) == 1),
+                "mask: bool [batch, 1, length or 1, keys] broadcastable to [", B, ", 1, ", T, ", ", S, "], got ",
+                m.sizes());
+    M = m.data_ptr<bool>();
+    mask_batch = m.size(0) == 1 ? 0 : m.stride(0);
+    mask_query = m.size(2) == 1 ? 0 : m.stride(2);
+    mask_key = m.size(3) == 1 ? 0 : m.stride(3);
   }
-  auto y = at::empty({B, T, H, D}, q.options());
-  const float *Q = q.data_ptr<float>(), *K = k.data_ptr<float>(), *V = v.data_ptr<float>();
-  const bool* M = m.defined() ? m.data_ptr<bool>() : nullptr;
+  auto y = at::empty({B, T, H, D}, at::TensorOptions().dtype(at::kFloat));
   float* Y = y.data_ptr<float>();
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
   // One thread only when the call is tiny (2^15 query-key products): in a decode step the keys and values come from
@@ -448,48 +456,52 @@ at::Tensor attention_over(const at::Tensor& q, const at::Tensor& k, const at::Te
     for (int64_t i = begin; i < end; i++) {
       const int64_t b = i / (H * T), h = i / T % H, t = i % T, g = h / (H / Hkv);
       const int64_t own = rows ? 0 : b;
-      const RowKeys kv{K + own * k.stride(0) + g * k.stride(1), V + own * v.stride(0) + g * v.stride(1),
-                       k.stride(2), v.stride(2), rows ? rows + b * rows_stride : nullptr, k.stride(0), v.stride(0)};
-      attend_row(Q + b * q.stride(0) + h * q.stride(1) + t * q.stride(2), kv,
-                 M ? M + b * m.stride(0) + t * m.stride(2) : nullptr, M ? m.stride(3) : 0,
-                 S, D, scale, scores.data(), Y + ((b * T + t) * H + h) * D);
+      const RowKeys kv{k.data + own * k.batch + g * k.head, v.data + own * v.batch + g * v.head, k.position,
+                       v.position, rows ? rows + b * rows_stride : nullptr, k.batch, v.batch};
+      attend_row(q.data + b * q.batch + h * q.head + t * q.position, kv,
+                 M ? M + b * mask_batch + t * mask_query : nullptr, mask_key, S, D, scale, scores.data(),
+                 Y + ((b * T + t) * H + h) * D);
     }
   });
   return y;
 }
 
+// attend() on tensors: q [B, H, T, D], k and v [B, Hkv, S, D], any strides with D contiguous.
+at::Tensor attention_over(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                          const c10::optional<at::Tensor>& mask) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "q, k, v: [batch, heads, length, head_dim]");
+  TORCH_CHECK(q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat,
+              "q, k, v: float32");
+  const int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3), Hkv = k.size(1), S = k.size(2);
+  TORCH_CHECK(k.size(0) == B && v.sizes() == k.sizes() && k.size(3) == D && Hkv > 0 && H % Hkv == 0,
+              "k and v [", B, ", a divisor of ", H, ", S, ", D, "], got ", k.sizes(), " and ", v.sizes());
+  TORCH_CHECK(q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1, "q, k, v: head_dim contiguous");
+  return attend(strided(q), strided(k), strided(v), B, H, T, Hkv, S, D, mask, nullptr, 0);
+}
+
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                             const c10::optional<at::Tensor>& mask) {
-  return attention_over(q, k, v, mask, nullptr, 0);
+  return attention_over(q, k, v, mask);
 }
 
 // A self-attention decode step on the KV cache [layers, B, Hkv, capacity, D]: writes this step's keys and values
-// k_new, v_new [B, Hkv, 1, D] into slot `slot` of layer `layer`, then attends over slots [0, read) as
-// decode_attention does. One call instead of the ~10 small ops of writing and viewing the cache from Python. With
-// `rows` (int64 [B, >= read]), row b reads slot s from cache row rows[b][s]: beam search reorders its beams by
-// reordering that table instead of copying every filled slot of the cache (each step writes one slot of every row, so
-// a slot's keys stay where they were written).
-at::Tensor cached_decode_attention(const at::Tensor& q, const at::Tensor& k_new, const at::Tensor& v_new,
-                                   at::Tensor& k_cache, at::Tensor& v_cache, int64_t layer, int64_t slot,
-                                   int64_t read, const c10::optional<at::Tensor>& mask,
-                                   const c10::optional<at::Tensor>& rows) {
-  TORCH_CHECK(k_cache.dim() == 5 && k_cache.is_contiguous() && k_cache.scalar_type() == at::kFloat &&
-                  v_cache.sizes() == k_cache.sizes() && v_cache.is_contiguous() && v_cache.scalar_type() == at::kFloat,
-              "caches: contiguous float32 [layers, batch, kv_heads, capacity, head_dim]");
+// (k_new, v_new: [B, Hkv, D] at the given strides) into slot `slot` of layer `layer`, then attends over slots
+// [0, read) as decode_attention does. One call instead of the ~10 small ops of writing and viewing the cache from
+// Python. With `rows` (int64 [B, >= read]), row b reads slot s from cache row rows[b][s]: beam search reorders its
+// beams by reordering that table instead of copying every filled slot of the cache (each step writes one slot of
+// every row, so a slot's keys stay where they were written).
+at::Tensor attend_cached(const Strided& q, int64_t H, const Strided& k_new, const Strided& v_new, at::Tensor& k_cache,
+                         at::Tensor& v_cache, int64_t layer, int64_t slot, int64_t read,
+                         const c10::optional<at::Tensor>& mask, const c10::optional<at::Tensor>& rows) {
   const int64_t B = k_cache.size(1), Hkv = k_cache.size(2), capacity = k_cache.size(3), D = k_cache.size(4);
   TORCH_CHECK(0 <= layer && layer < k_cache.size(0) && 0 <= slot && slot < read && read <= capacity,
               "layer ", layer, ", slot ", slot, ", read ", read, " outside the cache ", k_cache.sizes());
-  for (const at::Tensor* kv : {&k_new, &v_new})
-    TORCH_CHECK(kv->dim() == 4 && kv->size(0) == B && kv->size(1) == Hkv && kv->size(2) == 1 && kv->size(3) == D &&
-                    kv->stride(3) == 1 && kv->scalar_type() == at::kFloat,
-                "k_new, v_new: float32 [", B, ", ", Hkv, ", 1, ", D, "] with head_dim contiguous, got ", kv->sizes());
   float *keys = k_cache.data_ptr<float>(), *values = v_cache.data_ptr<float>();
-  const float *new_keys = k_new.data_ptr<float>(), *new_values = v_new.data_ptr<float>();
   for (int64_t b = 0; b < B; b++)
     for (int64_t g = 0; g < Hkv; g++) {
       const int64_t to = (((layer * B + b) * Hkv + g) * capacity + slot) * D;
-      std::memcpy(keys + to, new_keys + b * k_new.stride(0) + g * k_new.stride(1), sizeof(float) * D);
-      std::memcpy(values + to, new_values + b * v_new.stride(0) + g * v_new.stride(1), sizeof(float) * D);
+      std::memcpy(keys + to, k_new.data + b * k_new.batch + g * k_new.head, sizeof(float) * D);
+      std::memcpy(values + to, v_new.data + b * v_new.batch + g * v_new.head, sizeof(float) * D);
     }
   const int64_t* table = nullptr;
   if (rows.has_value()) {
@@ -502,8 +514,34 @@ at::Tensor cached_decode_attention(const at::Tensor& q, const at::Tensor& k_new,
         TORCH_CHECK(0 <= table[b * rows->stride(0) + s] && table[b * rows->stride(0) + s] < B,
                     "rows[", b, ", ", s, "] = ", table[b * rows->stride(0) + s], " is not a cache row");
   }
-  return attention_over(q, k_cache.select(0, layer).narrow(2, 0, read), v_cache.select(0, layer).narrow(2, 0, read),
-                        mask, table, table ? rows->stride(0) : 0);
+  const int64_t layer_offset = layer * k_cache.stride(0);
+  const Strided k{keys + layer_offset, k_cache.stride(1), k_cache.stride(2), k_cache.stride(3)};
+  const Strided v{values + layer_offset, v_cache.stride(1), v_cache.stride(2), v_cache.stride(3)};
+  return attend(q, k, v, B, H, 1, Hkv, read, D, mask, table, table ? rows->stride(0) : 0);
+}
+
+void check_caches(const at::Tensor& k_cache, const at::Tensor& v_cache) {
+  TORCH_CHECK(k_cache.dim() == 5 && k_cache.is_contiguous() && k_cache.scalar_type() == at::kFloat &&
+                  v_cache.sizes() == k_cache.sizes() && v_cache.is_contiguous() && v_cache.scalar_type() == at::kFloat,
+              "caches: contiguous float32 [layers, batch, kv_heads, capacity, head_dim]");
+}
+
+// attend_cached on q [B, H, 1, D] and k_new, v_new [B, Hkv, 1, D] (any strides with D contiguous).
+at::Tensor cached_decode_attention(const at::Tensor& q, const at::Tensor& k_new, const at::Tensor& v_new,
+                                   at::Tensor& k_cache, at::Tensor& v_cache, int64_t layer, int64_t slot,
+                                   int64_t read, const c10::optional<at::Tensor>& mask,
+                                   const c10::optional<at::Tensor>& rows) {
+  check_caches(k_cache, v_cache);
+  const int64_t B = k_cache.size(1), Hkv = k_cache.size(2), D = k_cache.size(4);
+  for (const at::Tensor* kv : {&k_new, &v_new})
+    TORCH_CHECK(kv->dim() == 4 && kv->size(0) == B && kv->size(1) == Hkv && kv->size(2) == 1 && kv->size(3) == D &&
+                    kv->stride(3) == 1 && kv->scalar_type() == at::kFloat,
+                "k_new, v_new: float32 [", B, ", ", Hkv, ", 1, ", D, "] with head_dim contiguous, got ", kv->sizes());
+  TORCH_CHECK(q.dim() == 4 && q.size(0) == B && q.size(1) % Hkv == 0 && q.size(2) == 1 && q.size(3) == D &&
+                  q.stride(3) == 1 && q.scalar_type() == at::kFloat,
+              "q: float32 [", B, ", a multiple of ", Hkv, ", 1, ", D, "] with head_dim contiguous, got ", q.sizes());
+  return attend_cached(strided(q), q.size(1), strided(k_new), strided(v_new), k_cache, v_cache, layer, slot, read,
+                       mask, rows);
 }
 
 // cached_decode_attention on the fused q/k/v product qkv [B, 1, 3 * H * D] (q, k and v side by side, as
@@ -512,13 +550,58 @@ at::Tensor cached_decode_attention(const at::Tensor& q, const at::Tensor& k_new,
 at::Tensor cached_decode_attention_fused(const at::Tensor& qkv, at::Tensor& k_cache, at::Tensor& v_cache,
                                          int64_t layer, int64_t slot, int64_t read,
                                          const c10::optional<at::Tensor>& mask, const c10::optional<at::Tensor>& rows) {
-  TORCH_CHECK(k_cache.dim() == 5, "caches: [layers, batch, kv_heads, capacity, head_dim]");
+  check_caches(k_cache, v_cache);
   const int64_t B = k_cache.size(1), H = k_cache.size(2), D = k_cache.size(4);
   TORCH_CHECK(qkv.scalar_type() == at::kFloat && qkv.is_contiguous() && qkv.numel() == B * 3 * H * D,
               "qkv: contiguous float32 [", B, ", 1, 3 x ", H, " x ", D, "] (q, k and v side by side), got ",
               qkv.sizes());
-  const auto parts = qkv.view({B, 1, 3, H, D}).permute({2, 0, 3, 1, 4});  // [3, B, H, 1, D]
-  return cached_decode_attention(parts[0], parts[1], parts[2], k_cache, v_cache, layer, slot, read, mask, rows);
+  const float* data = qkv.data_ptr<float>();
+  const int64_t row = 3 * H * D;  // [B, 3, H, D]: the part, then the head
+  return attend_cached({data, row, D, 0}, H, {data + H * D, row, D, 0}, {data + 2 * H * D, row, D, 0}, k_cache,
+                       v_cache, layer, slot, read, mask, rows);
+}
+
+// ----------------------------------------------------------------------------------------------------- greedy
+
+// The index of the largest value of each row of x [..., V] float32, the first one on ties and the first NaN if a
+// row has any: torch.argmax's answer -> int64 [...]. torch's reduction reads a row at ~2 ns a value here: 0.1 ms
+// of a ~7 ms GPT-2 int8 decode step for its 50257 logits.
+at::Tensor argmax_rows(const at::Tensor& x) {
+  TORCH_CHECK(x.dim() >= 1 && x.scalar_type() == at::kFloat && x.is_contiguous() && x.size(-1) > 0,
+              "x: contiguous float32 [..., values > 0], got ", x.sizes());
+  const int64_t V = x.size(-1), R = x.numel() / V;
+  auto out = at::empty(x.sizes().slice(0, x.dim() - 1), at::TensorOptions().dtype(at::kLong));
+  int64_t* O = out.data_ptr<int64_t>();
+  for (int64_t r = 0; r < R; r++) {
+    const float* row = x.data_ptr<float>() + r * V;
+    __m256 top8 = _mm256_set1_ps(-INFINITY), nan8 = _mm256_setzero_ps();
+    int64_t v = 0;
+    for (; v + 8 <= V; v += 8) {
+      const __m256 a = _mm256_loadu_ps(row + v);
+      top8 = _mm256_max_ps(top8, a);
+      nan8 = _mm256_or_ps(nan8, _mm256_cmp_ps(a, a, _CMP_UNORD_Q));
+    }
+    __m128 h = _mm_max_ps(_mm256_castps256_ps128(top8), _mm256_extractf128_ps(top8, 1));
+    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    float top = _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
+    bool nan = _mm256_movemask_ps(nan8) != 0;
+    for (; v < V; v++) {
+      if (std::isnan(row[v])) nan = true;
+      top = std::max(top, row[v]);
+    }
+    // the first index holding the answer: vectors of 8 compared at once, then the tail
+    const __m256 want = _mm256_set1_ps(top);
+    int64_t i = 0, found = -1;
+    for (; i + 8 <= V && found < 0; i += 8) {
+      const __m256 a = _mm256_loadu_ps(row + i);
+      const int hits = _mm256_movemask_ps(nan ? _mm256_cmp_ps(a, a, _CMP_UNORD_Q) : _mm256_cmp_ps(a, want, _CMP_EQ_OQ));
+      if (hits) found = i + __builtin_ctz(hits);
+    }
+    for (; i < V && found < 0; i++)
+      if (nan ? std::isnan(row[i]) : row[i] == top) found = i;
+    O[r] = found;  // top is one of the row's values, so it is found
+  }
+  return out;
 }
 
 // ------------------------------------------------------------------------------------------ a decoder layer's step
@@ -600,7 +683,7 @@ struct DecoderLayer : torch::CustomClassHolder {
         TORCH_CHECK(sources > 0 && B % sources == 0, "cross_k: ", sources, " sources for ", B, " rows");
         // the G rows (beams) of a source share its keys: folded into the query length, [sources, heads, G, hd]
         const at::Tensor q = matrices[kCrossQ](h).view({sources, B / sources, heads, head_dim}).transpose(1, 2);
-        const at::Tensor a = attention_over(q, *cross_k, *cross_v, cross_mask, nullptr, 0);
+        const at::Tensor a = attention_over(q, *cross_k, *cross_v, cross_mask);
         return matrices[kCrossOut](a.view({B, heads * head_dim}), residual);
       });
     x = sublayer(x, 2, [&](const at::Tensor& h, const at::Tensor& residual) {
@@ -641,6 +724,7 @@ TORCH_LIBRARY(tinyformer, m) {
         "int layer, int slot, int read, Tensor? mask, Tensor? rows=None) -> Tensor", &cached_decode_attention);
   m.def("cached_decode_attention_fused(Tensor qkv, Tensor(a!) k_cache, Tensor(b!) v_cache, int layer, int slot, "
         "int read, Tensor? mask, Tensor? rows=None) -> Tensor", &cached_decode_attention_fused);
+  m.def("argmax_rows(Tensor x) -> Tensor", &argmax_rows);
   m.def("decoder_layer_step(__torch__.torch.classes.tinyformer.DecoderLayer layer, Tensor x, Tensor(a!) k_cache, "
         "Tensor(b!) v_cache, int layer_index, int slot, int read, Tensor? mask, Tensor? rows, Tensor? cross_k, "
         "Tensor? cross_v, Tensor? cross_mask) -> Tensor", &decoder_layer_step);

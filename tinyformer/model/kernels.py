@@ -99,3 +99,13 @@ def library():
     finally:
         os.environ["PATH"] = path
     return _library
+
+
+def argmax(x: torch.Tensor) -> torch.Tensor:
+    """x.argmax(-1), the same answer (the first index on ties, the first NaN if any), through kernels.cpp's
+    argmax_rows for contiguous float32 CPU tensors: torch's reduction reads GPT-2's 50257 logits at ~2 ns a value
+    here, 0.1 ms of a ~7 ms int8 decode step."""
+    ops = library()
+    if ops is not None and x.dtype == torch.float32 and x.device.type == "cpu" and x.is_contiguous() and x.dim():
+        return ops.argmax_rows.default(x)
+    return x.argmax(-1)
