@@ -197,16 +197,16 @@ def test_a_decode_step_adds_the_residual_inside_the_kernels_with_the_same_tokens
 
 
 @needs_kernels
-def test_float32_kernel_uses_ours_up_to_four_rows_and_onednn_beyond(library):
+def test_float32_kernel_uses_ours_up_to_eight_rows_and_onednn_beyond(library):
     g = torch.Generator().manual_seed(6)
     weight, bias = torch.randn(64, 96, generator=g), torch.randn(64, generator=g)
     kernel = quant.Float32Kernel(quant.kernel_layout(weight), bias)
     assert kernel.own is not None
-    x = torch.randn(2, 3, 96, generator=g)
-    few = kernel(x[:, :2])  # 4 rows
-    assert torch.equal(few.reshape(4, 64), library.float_linear(x[:, :2].reshape(4, 96).contiguous(), weight, bias))
-    several = kernel(x)  # 6 rows
-    assert several.shape == (2, 3, 64)
+    x = torch.randn(3, 3, 96, generator=g)
+    few = kernel(x[:, :2])  # 6 rows
+    assert torch.equal(few.reshape(6, 64), library.float_linear(x[:, :2].reshape(6, 96).contiguous(), weight, bias))
+    several = kernel(x)  # 9 rows
+    assert several.shape == (3, 3, 64)
     assert torch.allclose(several, F.linear(x, weight, bias), atol=1e-4, rtol=1e-5)
     if quant._ONEDNN:
         onednn = torch.ops.mkldnn._linear_pointwise(x, kernel.packed, bias, "none", [], "")

@@ -18,7 +18,7 @@ class Linear(nn.Linear):
 
     A decode step is a matrix-vector product per weight, so speed is set by how the weight is laid out and which
     kernel reads it. `pack()` lays the weight out as its kernel reads it (quant.kernel_layout) and builds the fastest
-    kernel for its precision (quant.make_kernel: our own kernels.cpp for float32 up to 4 rows and int8 at one row,
+    kernel for its precision (quant.make_kernel: our own kernels.cpp for float32 up to 8 rows and int8 at one row,
     oneDNN pre-packed float32 and fbgemm int8 for more rows, fbgemm float16 for 16-bit weights). The kernel is used
     only without autograd and only while the weight is unchanged (its version counter); state_dict, training and
     every other path see an ordinary nn.Linear. `quantize_int8()` replaces the weight by int8 values and a per-row

@@ -10,7 +10,7 @@ loaded like any other (safetensors).
 The kernel per precision was chosen by timing the candidates on GPT-2-124M's 49 weight matrices, one token's worth
 (ms for all 49 at 1 row / 8 rows; 2-core AMD EPYC VM with AVX2 but no AVX-512, torch 2.13, one thread so that
 OpenMP wake-ups, which cost ~12 ms each on this VM, do not hide the kernels; issue 9 has an AVX-512 machine's):
-- float32: column-major F.linear 19.4 / 88.8, oneDNN pre-packed 23.0 / 55.8: several rows pre-packed; up to 4 rows
+- float32: column-major F.linear 19.4 / 88.8, oneDNN pre-packed 23.0 / 55.8: several rows pre-packed; up to 8 rows
   now through our own kernel (kernels.cpp, see Float32Kernel), which beats both below 32 MB a matrix.
 - bfloat16 / float16: fbgemm's float16 kernel (`linear_dynamic_fp16`: weights packed as float16, float32
   accumulation) 16.4 / 33.9. F.linear in bfloat16 is 10-20x slower than float32 without AVX-512, and oneDNN refuses
@@ -159,12 +159,15 @@ class Float32Kernel:
     threads, below the ~27 GB/s the two cores read together. Measured on the 37 matrices of an opus-mt-sized decoder
     step (104 MB, medians of alternating runs): 5.0-5.7 vs 6.3-6.4 ms at 1 row, 5.4 vs 7.7 at 2, 5.5 vs 7.5 at 4
     (against oneDNN from 2 rows), 8.7 vs 9.4 at 8; GPT-2's 49 (494 MB): 20.6 vs 17.4-21.5 at 1, 24.5 vs 26.7 at 2,
-    27.5 vs 29.9 at 4, 45.6 vs 41.2 at 8. Without kernels.cpp, one row runs as a batched product over SPLITS blocks
+    27.5 vs 29.9 at 4, 45.6 vs 41.2 at 8. Since the weights sit in huge pages (HugePages) ours also wins at up to 8
+    rows (medians of 15 alternating passes): GPT-2's 48 block matrices 15.4 vs 20.6 ms at 4 rows, 24.5 vs 27.5 at
+    8, but 35.7 vs 31.8 at 12; an opus-mt encoder's and cross-attention's 30 matrices 5.2 vs 6.2 at 8, 7.1 vs 7.4
+    at 12, 9.7 vs 8.8 at 16. Without kernels.cpp, one row runs as a batched product over SPLITS blocks
     of the column-major weight (kernel_layout) and a sum of their partial results, which torch.bmm spreads over the
     threads (17-33 GB/s); SPLITS is fixed, so the sum's order, and the result, does not depend on the thread count."""
 
     SPLITS = 2
-    OWN_ROWS = 4
+    OWN_ROWS = 8
     # Beyond the last-level cache's size MKL's batched product streams a matrix faster than float_linear: GPT-2's
     # 154 MB output matrix at 25.4 vs 21.8 GB/s (5.5 vs 6.2 ms in a decode step); kernel_layout keeps those
     # column-major, for that product at one row and oneDNN's at several.
@@ -330,13 +333,17 @@ class Int8Kernel:
 
 
 class Float16Kernel:
-    """bfloat16 / float16 weights: up to Float32Kernel.OWN_ROWS activation rows through kernels.cpp's float_linear,
+    """bfloat16 / float16 weights: up to OWN_ROWS activation rows through kernels.cpp's float_linear,
     which reads the layer's 16-bit weight as it is (bfloat16 -> float32 is a shift, exact) and multiplies in
     float32; more rows through fbgemm's float16 kernel, on its own packed float16 copy. Activations cross both in
     float32.
 
     Why our own for few rows: fbgemm's float16 matrix-vector product reads GPT-2-124M's 49 matrices (248 MB in
-    16 bits) in ~9 ms alone but 12-14 ms inside a decode step here; float_linear streams them like float32."""
+    16 bits) in ~9 ms alone but 12-14 ms inside a decode step here; float_linear streams them like float32. Not
+    beyond 4 rows (unlike float32): alone, fbgemm's float16 kernel took GPT-2's 48 block matrices in 17.2 vs 23.3
+    ms at 8 rows (11.6 vs 12.3 at 4, where the step still favoured ours)."""
+
+    OWN_ROWS = 4
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
         self.out_features = weight.shape[0]
@@ -350,7 +357,7 @@ class Float16Kernel:
         flat = x.reshape(-1, x.shape[-1])
         if flat.dtype != torch.float32:
             flat = flat.float()
-        if self.own is not None and flat.shape[0] <= Float32Kernel.OWN_ROWS:
+        if self.own is not None and flat.shape[0] <= self.OWN_ROWS:
             if x.dtype == torch.float32:
                 return self.own(flat.contiguous(), self.weight, self.bias,
                                 _contiguous(residual)).view(*x.shape[:-1], self.out_features)
@@ -361,7 +368,7 @@ class Float16Kernel:
 
     def own_matrix(self):
         """([weight, scale, bias], the most rows) as kernels.cpp multiplies by this weight, or None."""
-        return ([self.weight, None, self.bias], Float32Kernel.OWN_ROWS) if self.own is not None else None
+        return ([self.weight, None, self.bias], self.OWN_ROWS) if self.own is not None else None
 
 
 class FusedLinears:
