@@ -20,7 +20,7 @@ output.
 
 The build needs a C++ compiler (g++ or clang) and ninja (a dependency), and an x86-64 CPU with AVX2 and FMA (every
 such CPU also has F16C, which the float16 loads use); it
-takes ~10 s and is cached under ~/.cache/tinyformer (XDG_CACHE_HOME). Without them, or with TINYFORMER_KERNELS=0,
+takes ~20 s and is cached under ~/.cache/tinyformer (XDG_CACHE_HOME). Without them, or with TINYFORMER_KERNELS=0,
 `library()` returns None and torch's kernels (fbgemm, oneDNN) run for every batch size.
 """
 from __future__ import annotations
@@ -87,7 +87,7 @@ def library():
         if lock.exists() and time.time() - lock.stat().st_mtime > 600:
             lock.unlink(missing_ok=True)
         if not (directory / "tinyformer_kernels.so").exists():
-            print("tinyformer: compiling its CPU kernels (once, ~15 s)", file=sys.stderr, flush=True)
+            print("tinyformer: compiling its CPU kernels (once, ~20 s)", file=sys.stderr, flush=True)
         os.environ["PATH"] = ninja_on_path()
         load("tinyformer_kernels", [str(SOURCE)], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"],
              build_directory=str(directory), is_python_module=False, verbose=False)
