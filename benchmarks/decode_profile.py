@@ -5,29 +5,37 @@
     python benchmarks/decode_profile.py --precisions "" --int8-kernels 10  # int8: our one-row kernel vs fbgemm's,
                                                                           # the matrices alone and 10 step pairs
 
-Each precision decodes --steps greedy tokens after a 32-token prompt, best of --repeats runs; then the step's
-matrix products alone: every weight-matrix kernel a step calls (the Linears' packed kernels, the fused q/k/v
-included, and the LM head) once each on one row, back to back, best of 20. "matrix products" is that time,
-"everything else" (attention, norms, activations, residuals, the KV cache, sampling, Python) the step minus it.
-(Earlier splits stubbed the matrices out inside the step; a block's step now runs as one kernels.cpp call,
-DecoderLayer, where they cannot be. Alone, the matrices run a little faster than between the other ops, so
-"everything else" carries that difference.) No profiler runs during these timings: its per-op cost (~5 us an op)
-would inflate "everything else". --top then profiles the unchanged step once and lists the costliest ops outside the matrix products. --int8-kernels N times the int8
-model's matrix calls alone with each kernel at 1, 2, 8 and 32 rows, then builds the int8 model twice, with
-model/kernels.cpp for one-row products and with fbgemm's kernel throughout, and times them in alternation N times
-in this one process, so that the VM's drift over minutes falls on both alike.
+Each precision decodes --steps greedy tokens after a 32-token prompt, best of --repeats runs. Then the split, two
+ways. Sampled (when py-spy is installed, `pip install py-spy`): `py-spy record --native` attaches for --seconds to a
+child process that decodes the same steps once its model is built, and the share of the main thread's samples (the
+steps' only, not the prompt's) inside the matrix kernels, inside attention and elsewhere, times the step, gives each
+part's milliseconds in the step as it runs. Alone: every weight-matrix kernel a step calls (the Linears' packed
+kernels, the fused q/k/v included, and the LM head) once each on one row, back to back, best of 20; they run faster
+so than between the other ops. (Earlier splits stubbed the matrices out inside the step; a block's step now runs as
+one kernels.cpp call, DecoderLayer, where they cannot be.) No profiler runs during the step timings: its per-op cost
+(~5 us an op) would inflate "everything else". --top then profiles the unchanged step once and lists the costliest
+ops outside the matrix products. --int8-kernels N times the int8 model's matrix calls alone with each kernel at 1,
+2, 8 and 32 rows, then builds the int8 model twice, with model/kernels.cpp for one-row products and with fbgemm's
+kernel throughout, and times them in alternation N times in this one process, so that the VM's drift over minutes
+falls on both alike.
 """
 from __future__ import annotations
 
 import argparse
+import collections
+import shutil
+import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
 # decoder_layer_step's self time is the matrix products and attention it calls directly (no dispatcher between)
-MATMUL_OPS = ("tinyformer::decoder_layer_step", "aten::addmm", "aten::mm", "aten::bmm", "aten::linear", "aten::matmul", "mkldnn::_linear_pointwise",
+MATMUL_OPS = ("tinyformer::decoder_layer_step",
+              "aten::addmm", "aten::mm", "aten::bmm", "aten::linear", "aten::matmul", "mkldnn::_linear_pointwise",
               "quantized::linear_dynamic", "quantized::linear_dynamic_fp16", "aten::_weight_int8pack_mm",
               "tinyformer::int8_linear", "tinyformer::float_linear")
 
@@ -70,6 +78,59 @@ def matrix_ms(model, repeats: int = 20) -> float:
             kernel(x)
         best = min(best, time.perf_counter() - start)
     return 1e3 * best
+
+
+# what a sample's native stack passes through: our matrix kernels, oneDNN's, fbgemm's, MKL's (the float32 LM head's
+# torch.bmm); our attention kernels
+MATRIX_FRAMES = ("int8_linear", "float_linear", "mkldnn", "dnnl", "fbgemm", "bmm", "gemm")
+ATTENTION_FRAMES = ("attend", "attention_over")
+
+
+def sampled_split(precision: str, seed: int, seconds: float) -> dict | None:
+    """{"matrix": share, "attention": share, "else": share} of the main thread's samples during decode steps, by
+    py-spy (--native: C++ frames too) attached to a child process once its model is built, or None without py-spy.
+    py-spy pauses the process for each native sample, so the child decodes slower while sampled; the shares are of
+    its own time, which the pauses do not enter."""
+    py_spy = shutil.which("py-spy") or shutil.which("py-spy", path=str(Path(sys.executable).parent))
+    if py_spy is None:
+        return None
+    child = subprocess.Popen([sys.executable, __file__, "--sample-worker", precision, "--seed", str(seed)],
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        child.stdout.readline()  # "ready": built and warmed up
+        with tempfile.TemporaryDirectory() as directory:
+            raw = Path(directory) / "samples.txt"
+            subprocess.run([py_spy, "record", "--native", "--rate", "100", "--duration", str(int(seconds)),
+                            "--format", "raw", "--output", str(raw), "--pid", str(child.pid)],
+                           check=True, capture_output=True)
+            lines = raw.read_text().splitlines()
+    finally:
+        child.kill()
+        child.wait()
+    counts = collections.Counter()
+    for line in lines:
+        stack, _, n = line.rpartition(" ")
+        if "sample_worker" not in stack or "prefill" in stack:  # only the steps, not the prompt's pass
+            continue
+        part = ("matrix" if any(f in stack for f in MATRIX_FRAMES)
+                else "attention" if any(f in stack for f in ATTENTION_FRAMES) else "else")
+        counts[part] += int(n)
+    total = sum(counts.values())
+    return {part: counts[part] / total for part in ("matrix", "attention", "else")} if total else None
+
+
+def sample_worker(precision: str, seed: int) -> None:
+    """Build the model, say "ready", then decode batch-1 steps until killed (sampled_split's child)."""
+    from tinyformer.generation import TokenStream
+
+    model = build(precision, seed)
+    prompt = torch.randint(0, 50257, (32,), generator=torch.Generator().manual_seed(seed)).tolist()
+    for _ in TokenStream(model, [prompt], max_new_tokens=8):  # warm up
+        pass
+    print("ready", flush=True)
+    while True:
+        for _ in TokenStream(model, [prompt], max_new_tokens=128):
+            pass
 
 
 def profile_steps(model, prompt, steps: int):
@@ -148,14 +209,20 @@ def main(argv=None) -> int:
     parser.add_argument("--top", type=int, default=0)
     parser.add_argument("--precisions", default="float32,bfloat16,int8")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seconds", type=int, default=30, help="of sampling per precision (py-spy)")
+    parser.add_argument("--sample-worker", help=argparse.SUPPRESS)  # internal: sampled_split's child
     parser.add_argument("--int8-kernels", type=int, default=0, metavar="N",
                         help="then time int8 with our one-row kernel vs fbgemm's, N alternating pairs")
     args = parser.parse_args(argv)
+    if args.sample_worker:
+        sample_worker(args.sample_worker, args.seed)
+        return 0
     prompt = torch.randint(0, 50257, (32,), generator=torch.Generator().manual_seed(args.seed)).tolist()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch 1, {args.steps} steps "
           f"(a run's time over its steps; its prefill is one call of {args.steps + 1}), best of {args.repeats} runs")
-    print("| precision | step ms | matrix products ms | everything else ms |")
-    print("|---|---:|---:|---:|")
+    print("| precision | step ms | matrix products, sampled in the step | attention, sampled | everything else, "
+          "sampled | matrix products alone | step minus them |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     details = []
     for precision in filter(None, args.precisions.split(",")):
         model = build(precision, args.seed)
@@ -163,8 +230,11 @@ def main(argv=None) -> int:
         if args.top:
             details.append((precision, profile_steps(model, prompt, args.steps)[2]))
         matrices = matrix_ms(model)
-        print(f"| {precision} | {whole:.2f} | {matrices:.2f} | {whole - matrices:.2f} |", flush=True)
         del model
+        shares = sampled_split(precision, args.seed, args.seconds)
+        sampled = [f"{whole * shares[part]:.2f}" for part in ("matrix", "attention", "else")] if shares else ["-"] * 3
+        print(f"| {precision} | {whole:.2f} | {' | '.join(sampled)} | {matrices:.2f} | {whole - matrices:.2f} |",
+              flush=True)
     if args.int8_kernels:
         time_int8_matrices(args.seed)
         compare_int8_kernels(prompt, args.steps, args.int8_kernels, args.seed)

@@ -424,7 +424,8 @@ def count_layer_steps(patch) -> list:
     from tinyformer.generation.cache import KVCache
 
     calls, decode_layer = [], KVCache.decode_layer
-    patch.setattr(KVCache, "decode_layer", lambda cache, layer, *a: calls.append(layer) or decode_layer(cache, layer, *a))
+    patch.setattr(KVCache, "decode_layer",
+                  lambda cache, layer, *a: calls.append(layer) or decode_layer(cache, layer, *a))
     return calls
 
 
