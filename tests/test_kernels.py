@@ -181,6 +181,7 @@ def test_a_decode_step_adds_the_residual_inside_the_kernels_with_the_same_tokens
 
     calls = []
     own = library.float_linear.default
+    python_steps(model)  # the Python layers' residual handling (the one-call block step has it in C++)
     with pytest.MonkeyPatch.context() as patch:
         for kernel in {m._kernel for m in quant.linears(model) if m._kernel is not None}:
             patch.setattr(kernel, "own", lambda x, w, b, r=None: calls.append(r is not None) or own(x, w, b, r))
@@ -431,13 +432,16 @@ def count_layer_steps(patch) -> list:
 
 @needs_kernels
 @pytest.mark.parametrize("weights", ["float32", "bfloat16", "int8"])
-@pytest.mark.parametrize("overrides", [{}, dict(mlp="swiglu", bias=True), dict(mlp="relu", norm_position="post"),
-                                       dict(mlp="silu"), dict(gelu_approximate="none")])
-def test_a_blocks_decode_step_in_one_call_equals_its_python_layers_bit_for_bit(library, weights, overrides):
+@pytest.mark.parametrize("kind, overrides", [("tiny", {}), ("tiny", dict(mlp="swiglu", bias=True)),
+                                             ("tiny", dict(mlp="relu", norm_position="post")), ("tiny", dict(mlp="silu")),
+                                             ("tiny", dict(gelu_approximate="none")), ("llama-tiny", {}),
+                                             ("llama-tiny", dict(positional="learned")), ("llama-tiny", dict(n_kv_heads=4))])
+def test_a_blocks_decode_step_in_one_call_equals_its_python_layers_bit_for_bit(library, weights, kind, overrides):
     from tinyformer.generation import TokenStream
 
+    # llama-tiny: RMSNorm, rotary positions, grouped keys (2 of 4 heads), SwiGLU
     options = {"float32": {}, "bfloat16": {"dtype": "bfloat16"}, "int8": {"quantize": "int8"}}[weights]
-    model = quant.pack(quant.set_precision(tiny_model("tiny", vocab_size=64, **overrides), **options))
+    model = quant.pack(quant.set_precision(tiny_model(kind, vocab_size=64, **overrides), **options))
     with torch.no_grad():  # norms and biases away from 1 and 0, so a swapped or dropped one shows
         for name, p in model.named_parameters():
             if p.dim() == 1:
@@ -522,7 +526,9 @@ def test_a_decoder_layer_refuses_bad_input_in_one_line(library):
     norms = [block.norm1.weight, block.norm1.bias, None, None, block.norm2.weight, block.norm2.bias]
     matrices = [block.attn._qkv.kernel.weight, None, None] + [None] * 18
     with pytest.raises(RuntimeError, match="activation tanh is not one of relu, gelu, gelu_tanh, silu, swiglu"):
-        torch.classes.tinyformer.DecoderLayer(norms, matrices, 4, 32, False, "tanh", 1e-5)
+        torch.classes.tinyformer.DecoderLayer(norms, matrices, 4, 4, 32, False, False, "tanh", 1e-5)
+    with pytest.raises(RuntimeError, match="DecoderLayer: 4 heads in groups of 3"):
+        torch.classes.tinyformer.DecoderLayer(norms, matrices, 4, 3, 32, False, False, "gelu", 1e-5)
 
 
 @needs_kernels

@@ -142,14 +142,17 @@ class KVCache:
         self._attended = True
         return cached_decode_attention_fused(qkv, self.k, self.v, layer, self._slots.start, self._read, mask, self.rows)
 
-    def decode_layer(self, layer: int, step, x, mask, cross_attention=None, memory=None, memory_mask=None):
-        """A whole decoder layer's decode step through kernels.cpp (layers.Block): attend_fused's arguments, plus
-        the layer's cross-attention keys and values when it has cross-attention."""
+    def decode_layer(self, layer: int, step, x, mask, cross_attention=None, memory=None, memory_mask=None,
+                     rope=None):
+        """A whole decoder layer's decode step through kernels.cpp (layers.Block): attend's arguments, plus the
+        layer's cross-attention keys and values when it has cross-attention, and the rotary cos/sin when given."""
         self._attended = True
         k = v = None
         if cross_attention is not None:
             k, v = self.cross_kv(layer, cross_attention, memory)
-        return step(x, self.k, self.v, layer, self._slots.start, self._read, mask, self.rows, k, v, memory_mask)
+        cos, sin = rope if rope is not None else (None, None)
+        return step(x, self.k, self.v, layer, self._slots.start, self._read, mask, self.rows, k, v, memory_mask, cos,
+                    sin)
 
     def advance(self, T: int) -> None:
         self.length += T

@@ -22,9 +22,11 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/cat.h>
 #include <ATen/ops/gelu.h>
 #include <ATen/ops/layer_norm.h>
 #include <ATen/ops/relu.h>
+#include <ATen/ops/rms_norm.h>
 #include <ATen/ops/silu.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Exception.h>
@@ -615,24 +617,28 @@ struct Matrix {
   }
 };
 
-// A Transformer block's decode step (one new token a row) in one call: the same ATen norms and activations and the
-// same kernels as layers.Block runs from Python, in the same order, so the result is bit for bit the same; what
-// goes is the Python between them (module calls, views, checks: ~60% of a GPT-2 int8 step's time outside the
-// matrix products here). Self-attention on the fused q/k/v product and the KV cache; cross-attention (seq2seq
-// decoders) to keys and values the cache holds per source; pre-norm, x + f(norm(x)), or post-norm, norm(x + f(x)).
+// A Transformer block's decode step (one new token a row) in one call: the same ATen norms, rotations and
+// activations and the same kernels as layers.Block runs from Python, in the same order, so the result is bit for bit
+// the same; what goes is the Python between them (module calls, views, checks: ~60% of a GPT-2 int8 step's time
+// outside the matrix products here). Self-attention on the fused q/k/v product and the KV cache (rotary positions
+// and grouped keys as Llama has them); cross-attention (seq2seq decoders) to keys and values the cache holds per
+// source; LayerNorm or RMSNorm, pre-norm, x + f(norm(x)), or post-norm, norm(x + f(x)).
 struct DecoderLayer : torch::CustomClassHolder {
   std::vector<c10::optional<at::Tensor>> norms;  // weight, bias of: self-attention, cross-attention, feed-forward
   std::vector<Matrix> matrices;  // q/k/v fused, output; cross: q, output; feed-forward: up, gate, down
-  int64_t heads, head_dim;
-  bool post_norm, cross;
+  int64_t heads, kv_heads, head_dim;
+  bool post_norm, rms_norm, cross;
   std::string activation;  // relu, gelu, gelu_tanh, silu, swiglu (silu(gate) * up)
   double eps;
 
   enum { kQKV, kOut, kCrossQ, kCrossOut, kUp, kGate, kDown };
 
   DecoderLayer(c10::List<c10::optional<at::Tensor>> norm_tensors, c10::List<c10::optional<at::Tensor>> matrix_tensors,
-               int64_t heads, int64_t head_dim, bool post_norm, std::string activation, double eps)
-      : heads(heads), head_dim(head_dim), post_norm(post_norm), activation(std::move(activation)), eps(eps) {
+               int64_t heads, int64_t kv_heads, int64_t head_dim, bool post_norm, bool rms_norm, std::string activation,
+               double eps)
+      : heads(heads), kv_heads(kv_heads), head_dim(head_dim), post_norm(post_norm), rms_norm(rms_norm),
+        activation(std::move(activation)), eps(eps) {
+    TORCH_CHECK(kv_heads > 0 && heads % kv_heads == 0, "DecoderLayer: ", heads, " heads in groups of ", kv_heads);
     TORCH_CHECK(norm_tensors.size() == 6 && matrix_tensors.size() == 21,
                 "DecoderLayer: 3 norms (weight, bias) and 7 matrices (weight, scale, bias)");
     for (const auto& t : norm_tensors) norms.push_back(t);
@@ -651,7 +657,14 @@ struct DecoderLayer : torch::CustomClassHolder {
   }
 
   at::Tensor norm(const at::Tensor& x, int which) const {
+    if (rms_norm) return at::rms_norm(x, {x.size(-1)}, c10::nullopt, eps).mul(*norms[2 * which]);  // as layers.RMSNorm
     return at::layer_norm(x, {x.size(-1)}, norms[2 * which], norms[2 * which + 1], eps);
+  }
+
+  // layers.apply_rotary: x * cos + rotate_half(x) * sin
+  static at::Tensor rotate(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
+    const int64_t half = x.size(-1) / 2;
+    return x.mul(cos).add(at::cat({x.narrow(-1, half, x.size(-1) - half).neg(), x.narrow(-1, 0, half)}, -1).mul(sin));
   }
 
   // One sublayer: x + f(norm(x)) or norm(x + f(x)); f adds its residual argument as it stores its output.
@@ -661,20 +674,36 @@ struct DecoderLayer : torch::CustomClassHolder {
   }
 
   // x [B, 1, d_model] float32 -> the layer's output, same shape. Self-attention writes this token's keys and
-  // values into slot `slot` of layer `layer` of the cache and reads slots [0, read) (cached_decode_attention);
-  // cross-attention reads cross_k, cross_v [sources, heads, S, head_dim] (the B rows are sources x beams).
+  // values into slot `slot` of layer `layer` of the cache and reads slots [0, read) (cached_decode_attention),
+  // after rotating queries and keys by rope_cos, rope_sin [B, 1, 1, head_dim] when given; cross-attention reads
+  // cross_k, cross_v [sources, heads, S, head_dim] (the B rows are sources x beams).
   at::Tensor step(const at::Tensor& x_in, at::Tensor& k_cache, at::Tensor& v_cache, int64_t layer, int64_t slot,
                   int64_t read, const c10::optional<at::Tensor>& mask, const c10::optional<at::Tensor>& rows,
                   const c10::optional<at::Tensor>& cross_k, const c10::optional<at::Tensor>& cross_v,
-                  const c10::optional<at::Tensor>& cross_mask) const {
+                  const c10::optional<at::Tensor>& cross_mask, const c10::optional<at::Tensor>& rope_cos,
+                  const c10::optional<at::Tensor>& rope_sin) const {
     TORCH_CHECK(x_in.dim() == 3 && x_in.size(1) == 1 && x_in.is_contiguous() && x_in.scalar_type() == at::kFloat,
                 "x: contiguous float32 [batch, 1, d_model], got ", x_in.sizes());
     TORCH_CHECK(cross == cross_k.has_value() && cross == cross_v.has_value(),
                 cross ? "this layer's cross-attention needs cross_k and cross_v" : "this layer has no cross-attention");
     const int64_t B = x_in.size(0);
     at::Tensor x = x_in.view({B, x_in.size(2)});
+    TORCH_CHECK(rope_cos.has_value() == rope_sin.has_value(), "rope_cos and rope_sin: both or neither");
     x = sublayer(x, 0, [&](const at::Tensor& h, const at::Tensor& residual) {
-      const at::Tensor a = cached_decode_attention_fused(matrices[kQKV](h), k_cache, v_cache, layer, slot, read, mask, rows);
+      const at::Tensor qkv = matrices[kQKV](h);
+      at::Tensor a;
+      if (!rope_cos.has_value() && kv_heads == heads) {
+        a = cached_decode_attention_fused(qkv, k_cache, v_cache, layer, slot, read, mask, rows);
+      } else {  // q, k and v as [B, heads, 1, head_dim] views of the product, as layers.Attention takes them
+        const at::Tensor parts = qkv.view({B, 1, heads + 2 * kv_heads, head_dim});
+        at::Tensor q = parts.narrow(2, 0, heads).transpose(1, 2), k = parts.narrow(2, heads, kv_heads).transpose(1, 2);
+        const at::Tensor v = parts.narrow(2, heads + kv_heads, kv_heads).transpose(1, 2);
+        if (rope_cos.has_value()) {
+          q = rotate(q, *rope_cos, *rope_sin);
+          k = rotate(k, *rope_cos, *rope_sin);
+        }
+        a = cached_decode_attention(q, k, v, k_cache, v_cache, layer, slot, read, mask, rows);
+      }
       return matrices[kOut](a.view({B, heads * head_dim}), residual);
     });
     if (cross)
@@ -707,8 +736,10 @@ at::Tensor decoder_layer_step(const c10::intrusive_ptr<DecoderLayer>& self, cons
                               at::Tensor& k_cache, at::Tensor& v_cache, int64_t layer, int64_t slot, int64_t read,
                               const c10::optional<at::Tensor>& mask, const c10::optional<at::Tensor>& rows,
                               const c10::optional<at::Tensor>& cross_k, const c10::optional<at::Tensor>& cross_v,
-                              const c10::optional<at::Tensor>& cross_mask) {
-  return self->step(x, k_cache, v_cache, layer, slot, read, mask, rows, cross_k, cross_v, cross_mask);
+                              const c10::optional<at::Tensor>& cross_mask, const c10::optional<at::Tensor>& rope_cos,
+                              const c10::optional<at::Tensor>& rope_sin) {
+  return self->step(x, k_cache, v_cache, layer, slot, read, mask, rows, cross_k, cross_v, cross_mask, rope_cos,
+                    rope_sin);
 }
 
 }  // namespace
@@ -716,7 +747,7 @@ at::Tensor decoder_layer_step(const c10::intrusive_ptr<DecoderLayer>& self, cons
 TORCH_LIBRARY(tinyformer, m) {
   m.class_<DecoderLayer>("DecoderLayer")
       .def(torch::init<c10::List<c10::optional<at::Tensor>>, c10::List<c10::optional<at::Tensor>>, int64_t, int64_t,
-                       bool, std::string, double>());
+                       int64_t, bool, bool, std::string, double>());
   m.def("int8_linear(Tensor x, Tensor w, Tensor w_scale, Tensor? bias, Tensor? residual=None) -> Tensor", &int8_linear);
   m.def("float_linear(Tensor x, Tensor w, Tensor? bias, Tensor? residual=None) -> Tensor", &float_linear);
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor? mask) -> Tensor", &decode_attention);
@@ -727,5 +758,6 @@ TORCH_LIBRARY(tinyformer, m) {
   m.def("argmax_rows(Tensor x) -> Tensor", &argmax_rows);
   m.def("decoder_layer_step(__torch__.torch.classes.tinyformer.DecoderLayer layer, Tensor x, Tensor(a!) k_cache, "
         "Tensor(b!) v_cache, int layer_index, int slot, int read, Tensor? mask, Tensor? rows, Tensor? cross_k, "
-        "Tensor? cross_v, Tensor? cross_mask) -> Tensor", &decoder_layer_step);
+        "Tensor? cross_v, Tensor? cross_mask, Tensor? rope_cos=None, Tensor? rope_sin=None) -> Tensor",
+        &decoder_layer_step);
 }

@@ -321,9 +321,9 @@ class Block(nn.Module):
 
     def pack(self) -> None:
         """After the Linears and the attention are packed: a decode step of the whole block as one kernels.cpp call
-        (DecoderLayer: the same norms, activations and kernels in the same order, without the Python between them),
-        when every part has a kernels.cpp form: LayerNorms, self-attention on the fused q/k/v product, every matrix
-        on kernels.cpp's few-row kernels."""
+        (DecoderLayer: the same norms, rotations, activations and kernels in the same order, without the Python
+        between them), when every part has a kernels.cpp form: LayerNorms or RMSNorms, self-attention through the
+        attention kernel on the fused q/k/v product, every matrix on kernels.cpp's few-row kernels."""
         self._decode_layer = None
         library = kernels.library()
         cross = self.cross_attn
@@ -334,15 +334,17 @@ class Block(nn.Module):
                     self.mlp.down._kernel]
         needed = [0, 1, 4, 6] + ([2, 3] if cross is not None else []) + ([5] if self.mlp.kind == "swiglu" else [])
         own = [m.own_matrix() if hasattr(m, "own_matrix") else None for m in matrices]
-        if (library is None or self.attn._fused_decode_kernel is None or any(own[i] is None for i in needed)
-                or not all(n is None or isinstance(n, LayerNorm) for n in norms)):
+        kind = type(self.norm1)
+        if (library is None or self.attn._decode_kernel is None or any(own[i] is None for i in needed)
+                or kind not in (LayerNorm, RMSNorm) or not all(n is None or type(n) is kind for n in norms)):
             return
         activation = {"gelu": "gelu" if self.mlp.approximate == "none" else "gelu_tanh"}.get(self.mlp.kind,
                                                                                            self.mlp.kind)
         layer = torch.classes.tinyformer.DecoderLayer(
-            [t for n in norms for t in ((n.weight, n.bias) if n is not None else (None, None))],
+            [t for n in norms for t in ((n.weight, getattr(n, "bias", None)) if n is not None else (None, None))],
             [t for m in own for t in (m[0] if m is not None else (None, None, None))],
-            self.attn.n_heads, self.attn.head_dim, self.post_norm, activation, self.norm1.eps)
+            self.attn.n_heads, self.attn.n_kv_heads, self.attn.head_dim, self.post_norm, kind is RMSNorm,
+            activation, self.norm1.eps)
         self._decode_layer = functools.partial(library.decoder_layer_step.default, layer)
         self._decode_rows = min(own[i][1] for i in needed)
         self._decode_linears = [m for m in self.modules() if isinstance(m, Linear)]
@@ -350,12 +352,12 @@ class Block(nn.Module):
 
     def forward(self, x, rope, mask, cache=None, record_attention=False, memory=None, memory_mask=(None, False),
                 unpadded=None):
-        if (self._decode_layer is not None and cache is not None and rope is None and x.shape[1] == 1
+        if (self._decode_layer is not None and cache is not None and x.shape[1] == 1
                 and x.shape[0] <= self._decode_rows and x.dtype == torch.float32 and not record_attention
                 and not self.training and not torch.is_grad_enabled()
                 and self._decode_versions == [m._weight_version() for m in self._decode_linears]):
             return cache.decode_layer(self.attn.layer_index, self._decode_layer, x, mask[0], self.cross_attn, memory,
-                                      memory_mask[0])
+                                      memory_mask[0], rope)
         x = self._sublayer(x, self.norm1, self.attn, rope, mask, cache, record_attention, None, unpadded)
         if self.cross_attn is not None:
             x = self._sublayer(x, self.norm_cross, self.cross_attn, None, memory_mask, cache, record_attention,
