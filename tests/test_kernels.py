@@ -494,6 +494,29 @@ def test_a_seq2seq_decoder_blocks_step_in_one_call_equals_its_python_layers_gree
 
 
 @needs_kernels
+def test_a_rolling_window_steps_in_one_call_as_through_its_python_layers(library):
+    from tinyformer.generation import TokenStream
+
+    model = tiny_model("llama-tiny", vocab_size=64, context_length=16).pack_for_inference()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.add_(0.3 * torch.randn_like(p))
+
+    def decode():  # 40 tokens through a cache of 16 slots: it wraps twice
+        steps = list(TokenStream(model, [[5, 9, 2, 40, 7]], max_new_tokens=40, top_n=3, window="roll"))
+        return [s.tokens for s in steps], torch.tensor([[lp for _, lp in row] for s in steps for row in s.top])
+
+    with pytest.MonkeyPatch.context() as patch:
+        calls = count_layer_steps(patch)
+        ours, our_logprobs = decode()
+    python_steps(model)
+    theirs, their_logprobs = decode()
+    assert calls == [0, 1] * 39
+    assert ours == theirs and torch.equal(our_logprobs, their_logprobs)
+
+
+@needs_kernels
 def test_a_block_whose_weight_changed_after_packing_steps_through_python(library):
     from tinyformer.generation import TokenStream
 
