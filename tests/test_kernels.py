@@ -430,6 +430,31 @@ def count_layer_steps(patch) -> list:
     return calls
 
 
+def perturb_vectors(model, prefix: str = "") -> None:
+    """Norms and biases (under `prefix`) away from 1 and 0, so a swapped or dropped one shows."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1 and name.startswith(prefix):
+                p.add_(0.3 * torch.randn_like(p))
+
+
+def stream(model, prompts, **options):
+    """Greedy tokens and every step's top-3 log-probabilities."""
+    from tinyformer.generation import TokenStream
+
+    steps = list(TokenStream(model, prompts, top_n=3, **options))
+    return [s.tokens for s in steps], torch.tensor([[lp for _, lp in row] for s in steps for row in s.top])
+
+
+def both_ways(model, decode):
+    """decode() with the blocks' one-call steps (and the layers that took them), then through the Python layers."""
+    with pytest.MonkeyPatch.context() as patch:
+        calls = count_layer_steps(patch)
+        ours = decode()
+    python_steps(model)
+    return calls, ours, decode()
+
+
 @needs_kernels
 @pytest.mark.parametrize("weights", ["float32", "bfloat16", "int8"])
 @pytest.mark.parametrize("kind, overrides", [("tiny", {}), ("tiny", dict(mlp="swiglu", bias=True)),
@@ -437,28 +462,15 @@ def count_layer_steps(patch) -> list:
                                              ("tiny", dict(gelu_approximate="none")), ("llama-tiny", {}),
                                              ("llama-tiny", dict(positional="learned")), ("llama-tiny", dict(n_kv_heads=4))])
 def test_a_blocks_decode_step_in_one_call_equals_its_python_layers_bit_for_bit(library, weights, kind, overrides):
-    from tinyformer.generation import TokenStream
-
     # llama-tiny: RMSNorm, rotary positions, grouped keys (2 of 4 heads), SwiGLU
     options = {"float32": {}, "bfloat16": {"dtype": "bfloat16"}, "int8": {"quantize": "int8"}}[weights]
     model = quant.pack(quant.set_precision(tiny_model(kind, vocab_size=64, **overrides), **options))
-    with torch.no_grad():  # norms and biases away from 1 and 0, so a swapped or dropped one shows
-        for name, p in model.named_parameters():
-            if p.dim() == 1:
-                p.add_(0.3 * torch.randn_like(p))
+    perturb_vectors(model)
     model.pack_for_inference()
-    # int8 runs its few-row steps through fbgemm, so its batch is one prompt; float weights take up to 4 rows
+    # int8 runs its few-row steps through fbgemm, so its batch is one prompt; float weights take up to 8 rows
     prompts = [[5, 9, 2, 40, 7]] if weights == "int8" else [[5, 9, 2, 40, 7], [3, 8], [60, 1, 2, 3, 4, 5, 6, 7]]
-
-    def decode():
-        steps = list(TokenStream(model, prompts, max_new_tokens=12, top_n=3))
-        return [s.tokens for s in steps], torch.tensor([[lp for _, lp in row] for s in steps for row in s.top])
-
-    with pytest.MonkeyPatch.context() as patch:
-        calls = count_layer_steps(patch)
-        ours, our_logprobs = decode()
-    python_steps(model)
-    theirs, their_logprobs = decode()
+    calls, (ours, our_logprobs), (theirs, their_logprobs) = both_ways(
+        model, lambda: stream(model, prompts, max_new_tokens=12))
     assert calls == [0, 1] * 11  # every cached step of both blocks in one call each
     assert ours == theirs
     assert torch.equal(our_logprobs, their_logprobs)
@@ -470,10 +482,7 @@ def test_a_seq2seq_decoder_blocks_step_in_one_call_equals_its_python_layers_gree
     from .helpers import seq2seq_lm
 
     lm = seq2seq_lm(seed=2, **overrides)
-    with torch.no_grad():  # the decoder's norms and biases away from 1 and 0, so a swapped or dropped one shows
-        for name, p in lm.model.named_parameters():
-            if p.dim() == 1 and name.startswith("decoder"):
-                p.add_(0.3 * torch.randn_like(p))
+    perturb_vectors(lm.model, "decoder")
     lm.model.pack_for_inference()
     sources = ["je suis content .", "il est grand", "农夫山泉 là !"]
 
@@ -483,11 +492,7 @@ def test_a_seq2seq_decoder_blocks_step_in_one_call_equals_its_python_layers_gree
         return ([g.token_ids for g in greedy], [g.logprobs for g in greedy],
                 [beams.token_ids] + [a.token_ids for a in beams.alternatives], beams.score)
 
-    with pytest.MonkeyPatch.context() as patch:
-        calls = count_layer_steps(patch)
-        ours = decode()
-    python_steps(lm.model)
-    theirs = decode()
+    calls, ours, theirs = both_ways(lm.model, decode)
     assert len(calls) > 2 * 18 and set(calls) == {0, 1}  # greedy at 3 rows and beam 4 at 4 rows, both layers
     assert ours == theirs  # tokens, log-probabilities and the beam's score exactly
     assert len(set(map(tuple, ours[0]))) > 1
@@ -495,23 +500,11 @@ def test_a_seq2seq_decoder_blocks_step_in_one_call_equals_its_python_layers_gree
 
 @needs_kernels
 def test_a_rolling_window_steps_in_one_call_as_through_its_python_layers(library):
-    from tinyformer.generation import TokenStream
-
     model = tiny_model("llama-tiny", vocab_size=64, context_length=16).pack_for_inference()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 1:
-                p.add_(0.3 * torch.randn_like(p))
-
-    def decode():  # 40 tokens through a cache of 16 slots: it wraps twice
-        steps = list(TokenStream(model, [[5, 9, 2, 40, 7]], max_new_tokens=40, top_n=3, window="roll"))
-        return [s.tokens for s in steps], torch.tensor([[lp for _, lp in row] for s in steps for row in s.top])
-
-    with pytest.MonkeyPatch.context() as patch:
-        calls = count_layer_steps(patch)
-        ours, our_logprobs = decode()
-    python_steps(model)
-    theirs, their_logprobs = decode()
+    perturb_vectors(model)
+    # 40 tokens through a cache of 16 slots: it wraps twice
+    calls, (ours, our_logprobs), (theirs, their_logprobs) = both_ways(
+        model, lambda: stream(model, [[5, 9, 2, 40, 7]], max_new_tokens=40, window="roll"))
     assert calls == [0, 1] * 39
     assert ours == theirs and torch.equal(our_logprobs, their_logprobs)
 
