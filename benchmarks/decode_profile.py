@@ -83,7 +83,7 @@ def matrix_ms(model, repeats: int = 20) -> float:
 # what a sample's native stack passes through: our matrix kernels, oneDNN's, fbgemm's, MKL's (the float32 LM head's
 # torch.bmm); our attention kernels
 MATRIX_FRAMES = ("int8_linear", "float_linear", "mkldnn", "dnnl", "fbgemm", "bmm", "gemm")
-ATTENTION_FRAMES = ("attend", "attention_over")
+ATTENTION_FRAMES = ("attend", "decode_attention")
 
 
 def sampled_split(precision: str, seed: int, seconds: float) -> dict | None:

@@ -469,8 +469,8 @@ at::Tensor attend(const Strided& q, const Strided& k, const Strided& v, int64_t 
 }
 
 // attend() on tensors: q [B, H, T, D], k and v [B, Hkv, S, D], any strides with D contiguous.
-at::Tensor attention_over(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                          const c10::optional<at::Tensor>& mask) {
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                            const c10::optional<at::Tensor>& mask) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "q, k, v: [batch, heads, length, head_dim]");
   TORCH_CHECK(q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat,
               "q, k, v: float32");
@@ -479,11 +479,6 @@ at::Tensor attention_over(const at::Tensor& q, const at::Tensor& k, const at::Te
               "k and v [", B, ", a divisor of ", H, ", S, ", D, "], got ", k.sizes(), " and ", v.sizes());
   TORCH_CHECK(q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1, "q, k, v: head_dim contiguous");
   return attend(strided(q), strided(k), strided(v), B, H, T, Hkv, S, D, mask, nullptr, 0);
-}
-
-at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                            const c10::optional<at::Tensor>& mask) {
-  return attention_over(q, k, v, mask);
 }
 
 // A self-attention decode step on the KV cache [layers, B, Hkv, capacity, D]: writes this step's keys and values
@@ -712,7 +707,7 @@ struct DecoderLayer : torch::CustomClassHolder {
         TORCH_CHECK(sources > 0 && B % sources == 0, "cross_k: ", sources, " sources for ", B, " rows");
         // the G rows (beams) of a source share its keys: folded into the query length, [sources, heads, G, hd]
         const at::Tensor q = matrices[kCrossQ](h).view({sources, B / sources, heads, head_dim}).transpose(1, 2);
-        const at::Tensor a = attention_over(q, *cross_k, *cross_v, cross_mask);
+        const at::Tensor a = decode_attention(q, *cross_k, *cross_v, cross_mask);
         return matrices[kCrossOut](a.view({B, heads * head_dim}), residual);
       });
     x = sublayer(x, 2, [&](const at::Tensor& h, const at::Tensor& residual) {

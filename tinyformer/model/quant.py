@@ -366,9 +366,7 @@ class Float16Kernel:
             y = torch.ops.quantized.linear_dynamic_fp16(flat, self.packed)
         return _as_output(y, x, residual)
 
-    def own_matrix(self):
-        """([weight, scale, bias], the most rows) as kernels.cpp multiplies by this weight, or None."""
-        return ([self.weight, None, self.bias], self.OWN_ROWS) if self.own is not None else None
+    own_matrix = Float32Kernel.own_matrix  # the same weight, bias, own and OWN_ROWS attributes
 
 
 class FusedLinears:
