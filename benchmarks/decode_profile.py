@@ -37,7 +37,7 @@ from torch.profiler import ProfilerActivity, profile
 MATMUL_OPS = ("tinyformer::decoder_layer_step",
               "aten::addmm", "aten::mm", "aten::bmm", "aten::linear", "aten::matmul", "mkldnn::_linear_pointwise",
               "quantized::linear_dynamic", "quantized::linear_dynamic_fp16", "aten::_weight_int8pack_mm",
-              "tinyformer::int8_linear", "tinyformer::float_linear")
+              "tinyformer::int8_linear", "tinyformer::panel_linear")
 
 
 def build(precision: str, seed: int):
@@ -82,7 +82,7 @@ def matrix_ms(model, repeats: int = 20) -> float:
 
 # what a sample's native stack passes through: our matrix kernels, oneDNN's, fbgemm's, MKL's (the float32 LM head's
 # torch.bmm); our attention kernels
-MATRIX_FRAMES = ("int8_linear", "float_linear", "mkldnn", "dnnl", "fbgemm", "bmm", "gemm")
+MATRIX_FRAMES = ("int8_linear", "panel_linear", "mkldnn", "dnnl", "fbgemm", "bmm", "gemm")
 ATTENTION_FRAMES = ("attend", "decode_attention")
 
 

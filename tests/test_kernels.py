@@ -1,6 +1,6 @@
 """kernels.cpp's int8 product against an exact float64 reference of its own arithmetic, its float32 and 16-bit
-products and its decode-step attention against float64, batch invariance, the Int8Kernel's, Float32Kernel's and
-Float16Kernel's choices between them and torch's kernels, decoding through them against SDPA, and bad input."""
+products and its decode-step attention against float64, batch invariance, the Int8Kernel's and FloatKernel's
+choices between them and torch's kernels, decoding through them against SDPA, and bad input."""
 import shutil
 
 import pytest
@@ -39,7 +39,7 @@ def reference(x, q, scale, bias):
 
 @needs_kernels
 def test_kernels_build_where_a_compiler_and_avx2_exist(library):
-    assert library is not None and hasattr(library, "int8_linear") and hasattr(library, "float_linear")
+    assert library is not None and hasattr(library, "int8_linear") and hasattr(library, "panel_linear")
 
 
 @needs_kernels
@@ -96,58 +96,77 @@ def test_int8_kernel_uses_ours_for_one_row_and_fbgemm_for_several(library):
     assert ours_error < 0.01 and fbgemm_error < 0.05
 
 
+def panel_product(library, x, w, bias=None, *residual):
+    return library.panel_linear(x, quant.panels(w), bias, *residual)
+
+
+def test_panels_hold_each_output_feature_k_major_in_groups_of_8():
+    w = torch.arange(11 * 3).view(11, 3)  # w[n, k] = 3n + k
+    expected = [3 * n + k for group in range(1) for k in range(3) for n in range(8)]  # panel 0: features 0-7
+    expected += [3 * n + k for k in range(3) for n in range(8, 11)]  # the last 3 features, k-major
+    assert quant.panels(w).tolist() == expected
+
+
 @needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("m, n, k, with_bias", [(1, 40, 64, True), (1, 300, 768, False), (3, 33, 70, True),
-                                                (4, 17, 15, False), (70, 24, 96, True)])
-def test_float32_product_equals_float64(library, m, n, k, with_bias):
+                                                (4, 17, 15, False), (6, 5, 9, True), (70, 24, 96, True),
+                                                (130, 27, 32, False)])
+def test_float_product_equals_float64(library, dtype, m, n, k, with_bias):
     g = torch.Generator().manual_seed(m + n + k)
-    x, w = torch.randn(m, k, generator=g) * 3, torch.randn(n, k, generator=g)
+    x, w = torch.randn(m, k, generator=g) * 3, torch.randn(n, k, generator=g).to(dtype)
     bias = torch.randn(n, generator=g) if with_bias else None
-    y = library.float_linear(x, w, bias)
+    y = panel_product(library, x, w, bias)
+    # 16-bit weights widen exactly, so only float32 rounding remains: ~1e-6 of the magnitude over k <= 768 terms;
+    # a misplaced weight, a lost tail feature (n % 8) or bias is >= 1e-2
     expected = x.double() @ w.double().t() + (0 if bias is None else bias.double())
-    # float32 rounding over k <= 768 terms: ~1e-6 of the magnitude; a skipped tail (k % 16) or bias is >= 1e-2
     assert y.shape == (m, n) and (y.double() - expected).abs().max() <= 2e-5 * expected.abs().max()
 
 
 @needs_kernels
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("m, n, k", [(1, 40, 64), (3, 33, 70), (4, 17, 15), (2, 300, 768)])
-def test_16_bit_weights_multiply_exactly_as_float32(library, dtype, m, n, k):
-    g = torch.Generator().manual_seed(m + n + k)
-    x, w, bias = torch.randn(m, k, generator=g), torch.randn(n, k, generator=g).to(dtype), torch.randn(n, generator=g)
-    y = library.float_linear(x, w, bias)
-    # the 16-bit values widen exactly, so only float32 rounding remains; a misplaced weight is >= 1e-2
-    expected = x.double() @ w.double().t() + bias.double()
-    assert (y.double() - expected).abs().max() <= 2e-5 * expected.abs().max()
-    assert torch.equal(y, torch.cat([library.float_linear(x[i:i + 1].contiguous(), w, bias) for i in range(m)]))
-
-
-@needs_kernels
-def test_16_bit_kernel_uses_ours_up_to_four_rows_and_fbgemm_beyond(library):
-    if not quant._FBGEMM:
-        pytest.skip("needs fbgemm")
-    g = torch.Generator().manual_seed(8)
-    weight, bias = torch.randn(64, 96, generator=g).bfloat16(), torch.randn(64, generator=g)
-    kernel = quant.Float16Kernel(weight, bias)
-    x = torch.randn(2, 3, 96, generator=g)
-    few = kernel(x[:, :2])
-    assert torch.equal(few.reshape(4, 64), library.float_linear(x[:, :2].reshape(4, 96).contiguous(), weight, bias))
-    several = kernel(x)
-    assert torch.equal(several, torch.ops.quantized.linear_dynamic_fp16(x.reshape(6, 96), kernel.packed).view(2, 3, 64))
-    assert torch.allclose(several, F.linear(x, weight.float(), bias), atol=1e-3, rtol=1e-3)
-
-
-@needs_kernels
-def test_float32_rows_equal_their_results_alone(library):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_float_rows_equal_their_results_alone_at_any_batch_and_thread_count(library, dtype):
     g = torch.Generator().manual_seed(5)
-    x, w, bias = torch.randn(11, 80, generator=g), torch.randn(48, 80, generator=g), torch.randn(48, generator=g)
-    together = library.float_linear(x, w, bias)
-    alone = torch.cat([library.float_linear(x[i:i + 1].contiguous(), w, bias) for i in range(11)])
+    x, w, bias = torch.randn(137, 80, generator=g), torch.randn(51, 80, generator=g).to(dtype), torch.randn(51, generator=g)
+    together = panel_product(library, x, w, bias)
+    alone = torch.cat([panel_product(library, x[i:i + 1].contiguous(), w, bias) for i in range(137)])
     assert torch.equal(together, alone)
-    with pytest.raises(RuntimeError, match="x has 96 features, w 80"):
-        library.float_linear(torch.randn(1, 96), w, None)
-    with pytest.raises(RuntimeError, match=r"w: contiguous float32, bfloat16 or float16 \[N, K\]"):
-        library.float_linear(x, w.t().contiguous().t(), None)
+    for rows in (2, 5, 9, 64, 65):
+        assert torch.equal(panel_product(library, x[:rows].contiguous(), w, bias), together[:rows])
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert torch.equal(panel_product(library, x, w, bias), together)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@needs_kernels
+def test_panel_product_refuses_bad_input(library):
+    x, w = torch.randn(2, 96), torch.randn(48, 81)
+    with pytest.raises(RuntimeError, match="w: panels of 96-feature rows, but its 3888 values are not a multiple"):
+        library.panel_linear(x, quant.panels(w), None)
+    with pytest.raises(RuntimeError, match=r"w: float32, bfloat16 or float16 panels \(quant.panels\), a contiguous 1-D"):
+        library.panel_linear(x, w, None)
+    with pytest.raises(RuntimeError, match=r"x: contiguous float32 \[M, K\], K > 0"):
+        library.panel_linear(x.double(), quant.panels(w), None)
+    with pytest.raises(RuntimeError, match=r"bias: float32 \[N\]"):
+        library.panel_linear(x[:, :81].contiguous(), quant.panels(w), torch.randn(47))
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_float_kernel_runs_the_panels_at_any_number_of_rows(library, dtype):
+    g = torch.Generator().manual_seed(8)
+    weight, bias = torch.randn(64, 96, generator=g).to(dtype), torch.randn(64, generator=g)
+    kernel = quant.make_kernel(weight, bias, None)
+    assert isinstance(kernel, quant.FloatKernel) and kernel.panels is None  # made at the first product
+    for shape in [(1, 1, 96), (2, 3, 96), (4, 40, 96)]:
+        x = torch.randn(*shape, generator=g)
+        y = kernel(x)
+        assert torch.equal(y.reshape(-1, 64), panel_product(library, x.reshape(-1, 96), weight, bias))
+        assert torch.allclose(y, F.linear(x, weight.float(), bias), atol=1e-4, rtol=1e-5)
+    assert kernel.weight is None and kernel.panels.dtype == dtype  # the weight is dropped once packed
 
 
 @needs_kernels
@@ -160,7 +179,7 @@ def test_the_residual_is_added_as_the_output_is_stored(library, weight):
         product = lambda *r: library.int8_linear(x, q, scale, bias, *r)  # noqa: E731
     else:
         w = torch.randn(40, 64, generator=g).to(getattr(torch, weight))
-        product = lambda *r: library.float_linear(x, w, bias, *r)  # noqa: E731
+        product = lambda *r: panel_product(library, x, w, bias, *r)  # noqa: E731
     assert torch.equal(product(residual), residual + product())  # one rounding, as adding it afterwards
     assert torch.equal(product(None), product())
     with pytest.raises(RuntimeError, match=r"residual: contiguous float32 of 3 x 40 values, got \[3, 41\]"):
@@ -180,7 +199,7 @@ def test_a_decode_step_adds_the_residual_inside_the_kernels_with_the_same_tokens
         return [s.tokens for s in steps], [lp for s in steps for row in s.top for _, lp in row]
 
     calls = []
-    own = library.float_linear.default
+    own = library.panel_linear.default
     python_steps(model)  # the Python layers' residual handling (the one-call block step has it in C++)
     with pytest.MonkeyPatch.context() as patch:
         for kernel in {m._kernel for m in quant.linears(model) if m._kernel is not None}:
@@ -193,37 +212,8 @@ def test_a_decode_step_adds_the_residual_inside_the_kernels_with_the_same_tokens
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(Block, "_sublayer", unfused)
         separate = decode()
-    assert calls.count(True) == 9 * 2 * 2  # both layers' output projections of every cached step
+    assert calls.count(True) == 10 * 2 * 2  # both layers' output projections, the prompt and every cached step
     assert fused == separate
-
-
-@needs_kernels
-def test_float32_kernel_uses_ours_up_to_eight_rows_and_onednn_beyond(library):
-    g = torch.Generator().manual_seed(6)
-    weight, bias = torch.randn(64, 96, generator=g), torch.randn(64, generator=g)
-    kernel = quant.Float32Kernel(quant.kernel_layout(weight), bias)
-    assert kernel.own is not None
-    x = torch.randn(3, 3, 96, generator=g)
-    few = kernel(x[:, :2])  # 6 rows
-    assert torch.equal(few.reshape(6, 64), library.float_linear(x[:, :2].reshape(6, 96).contiguous(), weight, bias))
-    several = kernel(x)  # 9 rows
-    assert several.shape == (3, 3, 64)
-    assert torch.allclose(several, F.linear(x, weight, bias), atol=1e-4, rtol=1e-5)
-    if quant._ONEDNN:
-        onednn = torch.ops.mkldnn._linear_pointwise(x, kernel.packed, bias, "none", [], "")
-        assert torch.equal(several, onednn)
-
-
-@needs_kernels
-def test_float32_matrices_beyond_the_cache_stay_column_major_for_torch(library, monkeypatch):
-    monkeypatch.setattr(quant.Float32Kernel, "OWN_MAX_BYTES", 64 * 96 * 4 - 1)
-    weight = torch.randn(64, 96)
-    laid_out = quant.kernel_layout(weight)
-    assert laid_out.t().is_contiguous() and torch.equal(laid_out, weight)
-    kernel = quant.Float32Kernel(laid_out, None)
-    assert kernel.own is None and kernel.blocks is not None
-    x = torch.randn(1, 96)
-    assert torch.allclose(kernel(x), x @ weight.t(), atol=1e-4, rtol=1e-5)
 
 
 @needs_kernels

@@ -7,7 +7,7 @@ import torch
 
 from tinyformer import CheckpointError, load, save_checkpoint
 from tinyformer.cli import main
-from tinyformer.model import quant
+from tinyformer.model import kernels, quant
 from tinyformer.model.layers import Linear
 
 from .helpers import char_lm, tiny_model
@@ -244,21 +244,27 @@ def _mapping_flags(address: int) -> dict:
 
 
 def test_packed_weights_are_unchanged_and_asked_to_live_in_huge_pages(monkeypatch):
+    def packed_panels(model):  # what the kernels stream: each Linear's or fused product's float weight in panels
+        owners = [m._kernel for m in quant.linears(model)] + [a._qkv.kernel for a in model.modules() if hasattr(a, "_qkv")]
+        return [k._panels() for k in owners if k is not None]
+
     model = tiny_model("tiny", vocab_size=64)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     quant.pack(model)
     state = model.state_dict()
     assert all(torch.equal(state[k], before[k]) for k in before)
-    weights = [m.weight for m in quant.linears(model)]
+    if kernels.library() is None:
+        pytest.skip("no kernels.cpp here: torch's kernels pack their own copies")
+    panels = packed_panels(model)
+    assert len(panels) == 2 * 4 + 1  # per block: fused q/k/v, output, up, down; the head
     if not quant.HUGE_PAGES.enabled:
         pytest.skip("no transparent huge pages here (MADV_HUGEPAGE)")
     # side by side in chunks (the current one may fill up on the way), which asked the kernel for huge pages
-    assert len({w.untyped_storage().data_ptr() for w in weights}) <= 2
+    assert len({p.untyped_storage().data_ptr() for p in panels}) <= 2
     thp = open("/sys/kernel/mm/transparent_hugepage/enabled").read()
-    if "[never]" not in thp and "THPeligible" in _mapping_flags(weights[0].data_ptr()):
-        assert _mapping_flags(weights[0].data_ptr())["THPeligible"] == "1"
+    if "[never]" not in thp and "THPeligible" in _mapping_flags(panels[0].data_ptr()):
+        assert _mapping_flags(panels[0].data_ptr())["THPeligible"] == "1"
     # without them: ordinary tensors, one storage each
     monkeypatch.setattr(quant.HUGE_PAGES, "enabled", False)
-    plain = quant.pack(tiny_model("tiny", vocab_size=64))
-    plain_weights = [m.weight for m in quant.linears(plain)]
-    assert len({w.untyped_storage().data_ptr() for w in plain_weights}) == len(plain_weights)
+    plain = packed_panels(quant.pack(tiny_model("tiny", vocab_size=64)))
+    assert len({p.untyped_storage().data_ptr() for p in plain}) == len(plain)

@@ -1,8 +1,9 @@
 // Matrix products for inference on x86 CPUs with AVX2 and FMA, for the few activation rows of a decode step
 // (kernels.py builds this file on first use and says why it exists), x and y float32:
 // - int8_linear: y[M, N] = x[M, K] @ (w[N, K] * w_scale[N])^T (+ bias) (+ residual), w int8.
-// - float_linear: y[M, N] = x[M, K] @ w[N, K]^T (+ bias) (+ residual), w float32, bfloat16 or float16 (nn.Linear's
-//   own layout). The residual stream, when given, is added as the output is stored: one small op less a sublayer.
+// - panel_linear: y[M, N] = x[M, K] @ w[N, K]^T (+ bias) (+ residual), w float32, bfloat16 or float16 repacked in
+//   panels of 8 output features, for any number of rows. The residual stream, when given, is added as the output
+//   is stored: one small op less a sublayer.
 // - decode_attention: a decode step's attention, each row's one query over its cached keys (cached_decode_attention
 //   also writes the step's keys and values into the KV cache first).
 //
@@ -12,12 +13,12 @@
 // float32 accumulators per output (even / odd blocks).
 //
 // - A row's result depends only on that row: every (row of x, row of w) pair runs the same instructions in the
-//   same order whatever M is and however the rows are tiled.
-// - The weight is read once per call: each thread owns a contiguous range of weight rows and streams through it
-//   row by row, multiplying each weight row by up to 4 activation rows while it sits in the L1 cache. (Reading 4
-//   int8 rows at once, 768 bytes apart, left the hardware prefetcher short streams: GPT-2's 38 MB output matrix at
-//   ~10 GB/s, against ~31 with the same 4 rows interleaved in memory, which would need a repacked copy; row by row
-//   the 49 matrices stream at ~23 GB/s.)
+//   same order whatever M is, however the rows are tiled and whatever the thread count.
+// - The weight is read once per call (per 64 rows): each thread owns a contiguous range of it and streams through
+//   it. int8 goes row by row, multiplying each weight row by up to 4 activation rows while it sits in the L1
+//   cache. (Reading 4 int8 rows at once, 768 bytes apart, left the hardware prefetcher short streams: GPT-2's 38 MB
+//   output matrix at ~10 GB/s, against ~31 with the same 4 rows interleaved in memory, which would need a repacked
+//   copy; row by row the 49 matrices stream at ~23 GB/s.) Float weights are repacked (panel_linear).
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -47,7 +48,7 @@ namespace {
 
 constexpr int64_t kBlock = 32;   // int8: activation values sharing one scale, and the unit of the int32 dot product
 constexpr int64_t kTile = 4;     // activation rows multiplied by one weight row while it is in L1
-constexpr int64_t kPanel = 64;   // activation rows kept in L2 while a thread streams its weight rows
+constexpr int64_t kRowBlock = 64;  // activation rows kept in L2 while a thread streams its part of the weight
 // Each thread asks for the weight 16 KB ahead of the row it multiplies: on GPT-2's 49 int8 matrices at one row,
 // 4.6-6.2 ms (median of 12) against 5.3-6.7 ms without, on top of the hardware prefetcher; 2 to 16 rows or 4 to
 // 16 KB ahead all measured alike.
@@ -63,15 +64,15 @@ inline float horizontal_sum(__m256 v) {
 // (tile is std::integral_constant<int, T>, so the product's loops over T unroll), and stores out[t] as Y[m + t, n],
 // plus R[m + t, n] when R (a residual stream [M, N]) is given: the same one rounding as adding it afterwards.
 // Each thread owns a contiguous range of weight rows and streams through it row by row, the activations (a panel
-// of kPanel rows) staying in L2. With `prefetch` > 0 it asks for the weight that many bytes ahead of the row it
+// of kRowBlock rows) staying in L2. With `prefetch` > 0 it asks for the weight that many bytes ahead of the row it
 // multiplies, within its own range.
 template <class Product>
 void for_each_weight_row(int64_t M, int64_t N, const char* W, int64_t row_bytes, int64_t prefetch, float* Y,
                          const float* R, const Product& product) {
   at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
     float out[kTile];
-    for (int64_t m0 = 0; m0 < M; m0 += kPanel) {
-      const int64_t m1 = std::min(M, m0 + kPanel);
+    for (int64_t m0 = 0; m0 < M; m0 += kRowBlock) {
+      const int64_t m1 = std::min(M, m0 + kRowBlock);
       for (int64_t n = begin; n < end; n++) {
         const char* row = W + n * row_bytes;
         if (prefetch > 0 && (n + 1) * row_bytes + prefetch <= end * row_bytes)
@@ -204,101 +205,144 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   return y;
 }
 
-// ------------------------------------------------------------------------------------------------- float weights
+// ------------------------------------------------------------------------------------------------ weight panels
 
-// 16 weights as two vectors of float32, w0 and w1, and the activations they multiply, x0 and x1. float32 and
-// float16 (F16C conversion, exact): weights k..k+7 and k+8..k+15. bfloat16, whose 16 bits are a float32's high
-// half: one 32-byte load gives the odd-numbered weights by masking off the low halves and the even-numbered ones by
-// shifting them up (two cheap integer ops, exact, where widening 8 values at a time took shuffles and left the
-// kernel at ~15 GB/s); the activations are read from a copy with each block of 16 reordered evens first
-// (deinterleave_bf16_blocks).
-inline void load16(const float* w, __m256& w0, __m256& w1) { w0 = _mm256_loadu_ps(w); w1 = _mm256_loadu_ps(w + 8); }
-inline void load16(const at::Half* w, __m256& w0, __m256& w1) {
-  w0 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w)));
-  w1 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 8)));
-}
-inline void load16(const at::BFloat16* w, __m256& w0, __m256& w1) {
-  const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
-  w0 = _mm256_castsi256_ps(_mm256_slli_epi32(bits, 16));                         // weights k, k+2, ..., k+14
-  w1 = _mm256_castsi256_ps(_mm256_and_si256(bits, _mm256_set1_epi32(-65536)));  // weights k+1, ..., k+15
-}
+// panel_linear: y[M, N] = x[M, K] @ w[N, K]^T (+ bias) (+ residual), w float32, bfloat16 or float16 stored in
+// panels (quant.panels writes them): the output features in groups of kPanelWidth, each group k-major ([N / 8][K][8]),
+// then the last N % 8 features k-major too ([K][N % 8]); a 1-D tensor, so N = its size / K.
+//
+// An outer product: for each k, one weight vector per panel (8 outputs) is multiplied by each row's x[k], broadcast. A tile of 4 rows x 3 panels keeps 12 accumulators in registers (AVX2
+// has 16) and does 12 FMAs for 3 weight and 4 activation loads, so from a few rows on it runs near the FMA units'
+// peak, and at one row its three streams through memory outrun the row-by-row dot products this file had before
+// (float_linear, the weight in nn.Linear's layout, 2 x 16 weights an iteration, summed across the vector at the end). Each output is
+// one FMA chain over k in order, then + bias, then + residual: a row's result depends on nothing else (not M,
+// the tiling or the thread count). Measured (medians of alternating passes, 2 threads, weights in huge pages):
+// an opus-mt-sized decoder's 37 float32 matrices (104 MB) 3.4 vs 4.2 ms (float_linear) vs 5.8 (oneDNN pre-packed)
+// at 1 row, 4.5 / 6.7 / 8.5 at 8, 11.9 vs 17.1 (oneDNN) at 32, 45.7 vs 55.8 at 128; in bfloat16 2.2 vs 2.5 ms
+// (float_linear) vs 4.2-4.5 (fbgemm's float16 kernel) at 1 row, 4.4 / 8.0 / 6.9 at 8, 11.4 / 27.4 / 13.0 at 32;
+// GPT-2's 48 block matrices in float32 10.8 vs 13.9 ms at 1 row and 14.3 vs 21.2 at 8, its 154 MB output matrix
+// 4.7 vs 5.0 ms (MKL's batched product on a column-major copy); one matrix alone at 9-1024 rows 1.2-1.5x oneDNN's
+// GFLOP/s.
+constexpr int64_t kPanelWidth = 8;  // output features per panel: one AVX2 vector
+constexpr int64_t kTileRows = 4, kTilePanels = 3;
 
-// Each row of x [M, K] with every whole block of 16 values reordered as its 8 even-indexed values then its 8 odd
-// ones (the order load16 gives bfloat16 weights in); the tail past the last whole block stays as it is.
-void deinterleave_bf16_blocks(const float* x, int64_t M, int64_t K, float* out) {
-  for (int64_t m = 0; m < M; m++) {
-    const float* row = x + m * K;
-    float* to = out + m * K;
-    int64_t k = 0;
-    for (; k + 16 <= K; k += 16)
-      for (int j = 0; j < 8; j++) {
-        to[k + j] = row[k + 2 * j];
-        to[k + 8 + j] = row[k + 2 * j + 1];
-      }
-    std::copy(row + k, row + K, to + k);
-  }
+inline __m256 load8(const float* w) { return _mm256_loadu_ps(w); }
+inline __m256 load8(const at::Half* w) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w))); }
+inline __m256 load8(const at::BFloat16* w) {  // bfloat16 is a float32's high half: widen, shift up (exact)
+  const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
 }
 
-// One weight row times T activation rows (T <= kTile), 2 * U accumulators per row, U blocks of 16 weights an
-// iteration. 16-bit weights take U = 2: with two, each FMA waited on the one before it in its chain, and one row
-// streamed at 16 bytes a ~5-cycle FMA latency (~20 GB/s for GPT-2's bfloat16 matrices on two cores). U does not
-// depend on T, so a row's sum runs in the same order in any tile.
-template <int T, class Weight>
-void float_row(const Weight* w, const float* x, int64_t K, float* out) {
-  constexpr int U = sizeof(Weight) == 2 ? 2 : 1;
-  __m256 acc[T][2 * U];
-  for (int t = 0; t < T; t++)
-    for (int a = 0; a < 2 * U; a++) acc[t][a] = _mm256_setzero_ps();
-  int64_t k = 0;
-  for (; k + 16 * U <= K; k += 16 * U) {
-    for (int u = 0; u < U; u++) {
-      __m256 w0, w1;
-      load16(w + k + 16 * u, w0, w1);
-      for (int t = 0; t < T; t++) {
-        acc[t][2 * u] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + t * K + k + 16 * u), acc[t][2 * u]);
-        acc[t][2 * u + 1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + t * K + k + 16 * u + 8), acc[t][2 * u + 1]);
-      }
-    }
+// R rows of x (row stride K) times P consecutive panels starting at w -> y (row stride ldy), + bias[0, 8P) and
+// + residual (row stride ldy) when given. The 12 accumulators are named variables: as an array GCC kept some on
+// the stack, an FMA a step reading and writing memory.
+template <int R, int P, class Weight>
+inline void panel_tile(const float* __restrict x, int64_t K, const Weight* __restrict w, float* __restrict y,
+                       int64_t ldy, const float* __restrict bias, const float* __restrict residual) {
+  static_assert(R >= 1 && R <= 4 && P >= 1 && P <= 3, "a tile is up to 4 rows x 3 panels");
+  __m256 a00, a01, a02, a10, a11, a12, a20, a21, a22, a30, a31, a32;
+  a00 = a01 = a02 = a10 = a11 = a12 = a20 = a21 = a22 = a30 = a31 = a32 = _mm256_setzero_ps();
+  const Weight* __restrict w0 = w;
+  const Weight* __restrict w1 = w + K * kPanelWidth;
+  const Weight* __restrict w2 = w + 2 * K * kPanelWidth;
+#pragma GCC unroll 4
+  for (int64_t k = 0; k < K; k++) {
+    const __m256 b0 = load8(w0 + k * kPanelWidth);
+    const __m256 b1 = P > 1 ? load8(w1 + k * kPanelWidth) : b0;
+    const __m256 b2 = P > 2 ? load8(w2 + k * kPanelWidth) : b0;
+    auto row = [&](int r, __m256& c0, __m256& c1, __m256& c2) {
+      const __m256 a = _mm256_broadcast_ss(x + r * K + k);
+      c0 = _mm256_fmadd_ps(a, b0, c0);
+      if (P > 1) c1 = _mm256_fmadd_ps(a, b1, c1);
+      if (P > 2) c2 = _mm256_fmadd_ps(a, b2, c2);
+    };
+    row(0, a00, a01, a02);
+    if (R > 1) row(1, a10, a11, a12);
+    if (R > 2) row(2, a20, a21, a22);
+    if (R > 3) row(3, a30, a31, a32);
   }
-  for (; k + 16 <= K; k += 16) {  // a last block of 16 when U = 2
-    __m256 w0, w1;
-    load16(w + k, w0, w1);
-    for (int t = 0; t < T; t++) {
-      acc[t][0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + t * K + k), acc[t][0]);
-      acc[t][1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + t * K + k + 8), acc[t][1]);
-    }
-  }
-  for (int t = 0; t < T; t++) {
-    __m256 total = _mm256_add_ps(acc[t][0], acc[t][1]);
-    if (U == 2) total = _mm256_add_ps(total, _mm256_add_ps(acc[t][2], acc[t][3]));
-    float sum = horizontal_sum(total);
-    for (int64_t j = k; j < K; j++) sum += static_cast<float>(w[j]) * x[t * K + j];
-    out[t] = sum;
+  auto store = [&](int r, int p, __m256 v) {
+    if (bias) v = _mm256_add_ps(v, _mm256_loadu_ps(bias + p * kPanelWidth));
+    if (residual) v = _mm256_add_ps(v, _mm256_loadu_ps(residual + r * ldy + p * kPanelWidth));
+    _mm256_storeu_ps(y + r * ldy + p * kPanelWidth, v);
+  };
+  const __m256 out[4][3] = {{a00, a01, a02}, {a10, a11, a12}, {a20, a21, a22}, {a30, a31, a32}};
+  for (int r = 0; r < R; r++)
+    for (int p = 0; p < P; p++) store(r, p, out[r][p]);
+}
+
+// Rows [0, M) of x times P panels, in tiles of kTileRows rows.
+template <int P, class Weight>
+void panel_rows(int64_t M, const float* x, int64_t K, const Weight* w, float* y, int64_t ldy, const float* bias,
+                const float* residual) {
+  auto at = [&](int64_t m) { return residual ? residual + m * ldy : nullptr; };
+  int64_t m = 0;
+  for (; m + kTileRows <= M; m += kTileRows) panel_tile<kTileRows, P>(x + m * K, K, w, y + m * ldy, ldy, bias, at(m));
+  switch (M - m) {
+    case 3: panel_tile<3, P>(x + m * K, K, w, y + m * ldy, ldy, bias, at(m)); break;
+    case 2: panel_tile<2, P>(x + m * K, K, w, y + m * ldy, ldy, bias, at(m)); break;
+    case 1: panel_tile<1, P>(x + m * K, K, w, y + m * ldy, ldy, bias, at(m)); break;
   }
 }
 
 template <class Weight>
-void float_product(const float* X, const Weight* W, const float* bias, int64_t M, int64_t N, int64_t K, float* Y,
+void panel_product(const float* X, const Weight* W, const float* bias, int64_t M, int64_t N, int64_t K, float* Y,
                    const float* R) {
-  // No software prefetch: with a quarter of int8's instructions per byte the hardware prefetcher keeps up (16 KB
-  // ahead measured 0-7% slower for float32 on the 37 matrices of an opus-mt-sized decoder and GPT-2's 49).
-  for_each_weight_row(M, N, reinterpret_cast<const char*>(W), K * sizeof(Weight), 0, Y, R,
-                      [&](int64_t n, int64_t m, auto tile, float* out) {
-    constexpr int T = decltype(tile)::value;
-    float_row<T>(W + n * K, X + m * K, K, out);
-    if (bias)
-      for (int t = 0; t < T; t++) out[t] += bias[n];
+  const int64_t full = N / kPanelWidth, tail = N % kPanelWidth;
+  const int64_t groups = (full + kTilePanels - 1) / kTilePanels;
+  // units of work: groups of up to 3 whole panels, then the tail's partial panel
+  at::parallel_for(0, groups + (tail ? 1 : 0), 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> tail_panel, tail_out;
+    if (end > groups) {  // the tail zero-padded to a whole panel, its products stored aside and then added up as
+      // panel_tile adds bias and residual, so its outputs get the same roundings as every other
+      tail_panel.assign(K * kPanelWidth, 0.0f);
+      tail_out.resize(kTileRows * kPanelWidth);
+      const Weight* t = W + full * kPanelWidth * K;
+      for (int64_t k = 0; k < K; k++)
+        for (int64_t c = 0; c < tail; c++) tail_panel[k * kPanelWidth + c] = static_cast<float>(t[k * tail + c]);
+    }
+    for (int64_t m0 = 0; m0 < M; m0 += kRowBlock) {
+      const int64_t rows = std::min(kRowBlock, M - m0);
+      const float* x = X + m0 * K;
+      for (int64_t g = begin; g < end; g++) {
+        if (g == groups) {
+          for (int64_t m = 0; m < rows; m += kTileRows) {
+            const int64_t n = std::min(kTileRows, rows - m);
+            panel_rows<1>(n, x + m * K, K, tail_panel.data(), tail_out.data(), kPanelWidth, nullptr, nullptr);
+            for (int64_t r = 0; r < n; r++)
+              for (int64_t c = 0; c < tail; c++) {
+                const int64_t row = m0 + m + r, col = full * kPanelWidth + c;
+                float v = tail_out[r * kPanelWidth + c];
+                if (bias) v += bias[col];
+                if (R) v += R[row * N + col];
+                Y[row * N + col] = v;
+              }
+          }
+          continue;
+        }
+        const int64_t p = g * kTilePanels, n = std::min(kTilePanels, full - p);
+        const Weight* w = W + p * kPanelWidth * K;
+        float* y = Y + m0 * N + p * kPanelWidth;
+        const float* b = bias ? bias + p * kPanelWidth : nullptr;
+        const float* r = R ? R + m0 * N + p * kPanelWidth : nullptr;
+        if (n == 3) panel_rows<3>(rows, x, K, w, y, N, b, r);
+        else if (n == 2) panel_rows<2>(rows, x, K, w, y, N, b, r);
+        else panel_rows<1>(rows, x, K, w, y, N, b, r);
+      }
+    }
   });
 }
 
-at::Tensor float_linear(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
+at::Tensor panel_linear(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
                         const c10::optional<at::Tensor>& residual) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x: contiguous float32 [M, K]");
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous() && x.size(1) > 0,
+              "x: contiguous float32 [M, K], K > 0");
   const auto type = w.scalar_type();
-  TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && (type == at::kFloat || type == at::kBFloat16 || type == at::kHalf),
-              "w: contiguous float32, bfloat16 or float16 [N, K]");
-  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
-  TORCH_CHECK(w.size(1) == K, "x has ", K, " features, w ", w.size(1));
+  const int64_t M = x.size(0), K = x.size(1);
+  TORCH_CHECK(w.dim() == 1 && w.is_contiguous() && (type == at::kFloat || type == at::kBFloat16 || type == at::kHalf),
+              "w: float32, bfloat16 or float16 panels (quant.panels), a contiguous 1-D tensor");
+  TORCH_CHECK(w.numel() % K == 0, "w: panels of ", K, "-feature rows, but its ", w.numel(), " values are not a multiple");
+  const int64_t N = w.numel() / K;
   const float* b_ptr = nullptr;
   if (bias.has_value()) {
     TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->numel() == N && bias->is_contiguous(), "bias: float32 [N]");
@@ -307,14 +351,10 @@ at::Tensor float_linear(const at::Tensor& x, const at::Tensor& w, const c10::opt
   const float* R = residual_data(residual, M, N);
   auto y = at::empty({M, N}, x.options());
   const float* X = x.data_ptr<float>();
-  if (type == at::kFloat) float_product(X, w.data_ptr<float>(), b_ptr, M, N, K, y.data_ptr<float>(), R);
-  if (type == at::kBFloat16) {
-    thread_local std::vector<float> reordered;  // reused from call to call, as int8_linear's workspace
-    reordered.resize(static_cast<size_t>(M * K));
-    deinterleave_bf16_blocks(X, M, K, reordered.data());
-    float_product(reordered.data(), w.data_ptr<at::BFloat16>(), b_ptr, M, N, K, y.data_ptr<float>(), R);
-  }
-  if (type == at::kHalf) float_product(X, w.data_ptr<at::Half>(), b_ptr, M, N, K, y.data_ptr<float>(), R);
+  float* Y = y.data_ptr<float>();
+  if (type == at::kFloat) panel_product(X, w.data_ptr<float>(), b_ptr, M, N, K, Y, R);
+  if (type == at::kBFloat16) panel_product(X, w.data_ptr<at::BFloat16>(), b_ptr, M, N, K, Y, R);
+  if (type == at::kHalf) panel_product(X, w.data_ptr<at::Half>(), b_ptr, M, N, K, Y, R);
   return y;
 }
 
@@ -603,12 +643,12 @@ at::Tensor argmax_rows(const at::Tensor& x) {
 
 // ------------------------------------------------------------------------------------------ a decoder layer's step
 
-// One weight matrix as the kernels above read it: int8 with one scale per output row, or float32 / 16-bit.
+// One weight matrix as the kernels above read it: int8 with one scale per output row, or float32 / 16-bit panels.
 struct Matrix {
   at::Tensor weight;
   c10::optional<at::Tensor> scale, bias;
   at::Tensor operator()(const at::Tensor& x, const c10::optional<at::Tensor>& residual = c10::nullopt) const {
-    return scale.has_value() ? int8_linear(x, weight, *scale, bias, residual) : float_linear(x, weight, bias, residual);
+    return scale.has_value() ? int8_linear(x, weight, *scale, bias, residual) : panel_linear(x, weight, bias, residual);
   }
 };
 
@@ -744,7 +784,7 @@ TORCH_LIBRARY(tinyformer, m) {
       .def(torch::init<c10::List<c10::optional<at::Tensor>>, c10::List<c10::optional<at::Tensor>>, int64_t, int64_t,
                        int64_t, bool, bool, std::string, double>());
   m.def("int8_linear(Tensor x, Tensor w, Tensor w_scale, Tensor? bias, Tensor? residual=None) -> Tensor", &int8_linear);
-  m.def("float_linear(Tensor x, Tensor w, Tensor? bias, Tensor? residual=None) -> Tensor", &float_linear);
+  m.def("panel_linear(Tensor x, Tensor w, Tensor? bias, Tensor? residual=None) -> Tensor", &panel_linear);
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor? mask) -> Tensor", &decode_attention);
   m.def("cached_decode_attention(Tensor q, Tensor k_new, Tensor v_new, Tensor(a!) k_cache, Tensor(b!) v_cache, "
         "int layer, int slot, int read, Tensor? mask, Tensor? rows=None) -> Tensor", &cached_decode_attention);

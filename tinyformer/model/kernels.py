@@ -1,6 +1,5 @@
-"""tinyformer's own CPU kernels for the few activation rows of a decode step (kernels.cpp), compiled on first use:
-int8 weights at one row, float32 weights up to 8 rows and 16-bit ones up to 4 (quant.Int8Kernel, Float32Kernel and
-Float16Kernel say when each runs), the attention of a decode step (layers.Attention), a whole block's decode step in
+"""tinyformer's own CPU kernels for inference (kernels.cpp), compiled on first use: int8 weights at one row,
+float32 and 16-bit weights at any number of rows (quant.Int8Kernel and FloatKernel say when each runs), the attention of a decode step (layers.Attention), a whole block's decode step in
 one call (DecoderLayer, layers.Block) and greedy's argmax.
 
 Why our own: in a decode step of one or a few rows each weight matrix is read once from memory, so the kernel's read
@@ -11,8 +10,10 @@ whole decode step runs 1.13-1.20x faster (medians of 10 alternating pairs in one
 the prefetch). In benchmarks/decode.py's run with it, int8 batch 1 went from 0.63-0.65x llama.cpp q8_0 to 0.89x.
 `python benchmarks/decode_profile.py --precisions "" --int8-kernels 10` measures both. In float32, MKL's and
 oneDNN's matrix-vector products read small matrices slowly (an opus-mt-sized decoder's 512-wide ones at ~14-16
-GB/s); float_linear reads them at ~19-21 and made a beam-4 translation 1.31x faster; on bfloat16 weights it beats
-fbgemm's float16 kernel (GPT-2's 49 matrices 11.3 vs 13.2 ms). SDPA's CPU kernel spreads a decode step's few
+GB/s); our first kernel (float_linear, row-by-row dot products) read them at ~19-21 and made a beam-4 translation
+1.31x faster; its successor panel_linear, an outer product on weights repacked in panels of 8 output features,
+reads them at ~30 and from a few rows on runs near the FMA units' peak, 1.2-1.5x oneDNN's pre-packed product at
+9-1024 rows; on 16-bit weights it beats fbgemm's float16 kernel from 1 to 32 rows. SDPA's CPU kernel spreads a decode step's few
 (row, head) pairs over the threads and waits for them; decode_attention runs them on one thread when they are few
 (below 2^15 query-key products) and reads the KV cache in place, through beam search's row table (GPT-2 batch 8
 1.16x, a batch-32 beam-4 translation 1.10x). The matrix kernels add the residual stream as they store their

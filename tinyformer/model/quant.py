@@ -10,14 +10,15 @@ loaded like any other (safetensors).
 The kernel per precision was chosen by timing the candidates on GPT-2-124M's 49 weight matrices, one token's worth
 (ms for all 49 at 1 row / 8 rows; 2-core AMD EPYC VM with AVX2 but no AVX-512, torch 2.13, one thread so that
 OpenMP wake-ups, which cost ~12 ms each on this VM, do not hide the kernels; issue 9 has an AVX-512 machine's):
-- float32: column-major F.linear 19.4 / 88.8, oneDNN pre-packed 23.0 / 55.8: several rows pre-packed; up to 8 rows
-  now through our own kernel (kernels.cpp, see Float32Kernel), which beats both below 32 MB a matrix.
+- float32: column-major F.linear 19.4 / 88.8, oneDNN pre-packed 23.0 / 55.8; now our own kernel at any number of
+  rows (kernels.cpp's panel_linear, see FloatKernel), which beats both (and the row-by-row kernel it replaced).
 - bfloat16 / float16: fbgemm's float16 kernel (`linear_dynamic_fp16`: weights packed as float16, float32
   accumulation) 16.4 / 33.9. F.linear in bfloat16 is 10-20x slower than float32 without AVX-512, and oneDNN refuses
   to pre-pack bfloat16 there; on the AVX-512 machine fbgemm float16 still beat pre-packed bfloat16 (8.0 vs 8.9 ms).
   Every bfloat16 weight is exactly a float16 value unless |w| < 6e-5 (float16 subnormals: absolute error < 6e-8).
-  Up to 4 rows now through our own kernel (kernels.cpp's float_linear on the 16-bit weight, see Float16Kernel):
-  the 49 matrices in 11.3 vs 13.2 ms, and the batch-1 decode step 1.13x faster (9 of 10 alternating pairs).
+  Now the same kernel of ours as float32 on a 16-bit copy in panels (bfloat16 -> float32 is a shift, float16 ->
+  float32 one F16C instruction, both exact), at any number of rows: exact for every bfloat16 weight, and faster
+  than fbgemm from 1 to 32 rows (kernels.cpp gives the figures).
 - int8: fbgemm's dynamically quantized linear (`quantized.linear_dynamic`: activations quantized per call to
   uint8, int8 weights, int32 accumulation) 11.9 / 22.6. Slower: `aten._weight_int8pack_mm` (plain tensors,
   weight-only) 19.6 / 68.3 with bfloat16 activations; with float32 ones, and torchao 0.18's int8 configs, were
@@ -151,63 +152,63 @@ _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_l
 _FBGEMM = "fbgemm" in torch.backends.quantized.supported_engines and hasattr(torch.ops.quantized, "linear_dynamic")
 
 
-class Float32Kernel:
-    """Up to OWN_ROWS activation rows (a decode step of a few rows or beams): kernels.cpp's float_linear, which
-    streams the weight in nn.Linear's own row-major layout; more rows: oneDNN's pre-packed copy.
+class FloatKernel:
+    """float32, bfloat16 or float16 weights, float32 arithmetic: kernels.cpp's panel_linear on a copy of the weight
+    repacked in panels of 8 output features (see `panels`), in huge pages, for any number of activation rows, so a
+    row's result never depends on the rows beside it. Without kernels.cpp: float32 through oneDNN's pre-packed copy,
+    16-bit weights through fbgemm's float16 kernel (its own float16 copy).
 
-    Why our own for few rows: a matrix-vector product by MKL or oneDNN reads the weight at 12-22 GB/s here with two
-    threads, below the ~27 GB/s the two cores read together. Measured on the 37 matrices of an opus-mt-sized decoder
-    step (104 MB, medians of alternating runs): 5.0-5.7 vs 6.3-6.4 ms at 1 row, 5.4 vs 7.7 at 2, 5.5 vs 7.5 at 4
-    (against oneDNN from 2 rows), 8.7 vs 9.4 at 8; GPT-2's 49 (494 MB): 20.6 vs 17.4-21.5 at 1, 24.5 vs 26.7 at 2,
-    27.5 vs 29.9 at 4, 45.6 vs 41.2 at 8. Since the weights sit in huge pages (HugePages) ours also wins at up to 8
-    rows (medians of 15 alternating passes): GPT-2's 48 block matrices 15.4 vs 20.6 ms at 4 rows, 24.5 vs 27.5 at
-    8, but 35.7 vs 31.8 at 12; an opus-mt encoder's and cross-attention's 30 matrices 5.2 vs 6.2 at 8, 7.1 vs 7.4
-    at 12, 9.7 vs 8.8 at 16. Without kernels.cpp, one row runs as a batched product over SPLITS blocks
-    of the column-major weight (kernel_layout) and a sum of their partial results, which torch.bmm spreads over the
-    threads (17-33 GB/s); SPLITS is fixed, so the sum's order, and the result, does not depend on the thread count."""
-
-    SPLITS = 2
-    OWN_ROWS = 8
-    # Beyond the last-level cache's size MKL's batched product streams a matrix faster than float_linear: GPT-2's
-    # 154 MB output matrix at 25.4 vs 21.8 GB/s (5.5 vs 6.2 ms in a decode step); kernel_layout keeps those
-    # column-major, for that product at one row and oneDNN's at several.
-    OWN_MAX_BYTES = 32 << 20
+    Why our own: matrix-vector products by MKL, oneDNN or fbgemm read the weight at 12-22 GB/s here with two threads,
+    below the ~27 GB/s the two cores read together, and at 9-128 rows oneDNN's pre-packed product reached 60-80% of
+    what the panel kernel does (kernels.cpp gives the figures). A model keeps its nn.Linear weight (the state dict,
+    autograd) beside the panels: twice the float32 bytes, as with oneDNN's or fbgemm's packed copy before."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
-        self.weight, self.bias = weight.detach(), None if bias is None else bias.detach()
-        self.out_features, in_features = weight.shape
+        self.out_features = weight.shape[0]
+        self.bias = None if bias is None else bias.detach().float().contiguous()
         library = kernels.library()
-        self.own = library.float_linear.default if library is not None and weight.is_contiguous() else None
-        self.blocks = None
-        if self.own is None and weight.t().is_contiguous() and in_features % self.SPLITS == 0:
-            self.blocks = self.weight.t().view(self.SPLITS, in_features // self.SPLITS, self.out_features)
-        self.packed = None
-        if _ONEDNN:
-            try:
-                self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight, 8)
-            except (RuntimeError, AttributeError):  # an unusual build: keep the plain path
-                self.packed = None
+        self.own = library.panel_linear.default if library is not None else None
+        # the panels are made at the first product: a Linear whose product is fused with others' (FusedLinears)
+        # never makes them, so no huge-page memory is spent on them
+        self.panels, self.weight = None, weight.detach()
+        if self.own is None:
+            self.plain = _plain_product(self.weight, self.bias)
+
+    def _panels(self) -> torch.Tensor:
+        if self.panels is None:
+            self.panels, self.weight = HUGE_PAGES.copy(panels(self.weight)), None
+        return self.panels
 
     def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """x @ weight.T + bias, plus `residual` (the residual stream, shaped like the output) when given."""
-        rows = x.numel() // x.shape[-1]
-        if self.own is not None and rows <= self.OWN_ROWS:
-            return self.own(x.reshape(rows, -1).contiguous(), self.weight, self.bias,
+        flat = x.reshape(-1, x.shape[-1])
+        if flat.dtype != torch.float32:  # tested first: a no-op .float() still costs a dispatch
+            flat = flat.float()
+        if self.own is None:
+            return _as_output(self.plain(flat), x, residual)
+        if x.dtype == torch.float32:
+            return self.own(flat.contiguous(), self._panels(), self.bias,
                             _contiguous(residual)).view(*x.shape[:-1], self.out_features)
-        if rows > 1 and self.packed is not None:
-            y = torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
-        elif rows == 1 and self.blocks is not None:
-            y = torch.bmm(x.reshape(self.SPLITS, 1, -1), self.blocks).sum(0)
-            if self.bias is not None:
-                y += self.bias
-            y = y.view(*x.shape[:-1], self.out_features)
-        else:
-            y = F.linear(x, self.weight, self.bias)
-        return y if residual is None else residual + y
+        return _as_output(self.own(flat.contiguous(), self._panels(), self.bias), x, residual)
 
     def own_matrix(self):
         """([weight, scale, bias], the most rows) as kernels.cpp multiplies by this weight, or None."""
-        return ([self.weight, None, self.bias], self.OWN_ROWS) if self.own is not None else None
+        return ([self._panels(), None, self.bias], 1 << 30) if self.own is not None else None
+
+
+def _plain_product(weight: torch.Tensor, bias: torch.Tensor | None):
+    """flat x [rows, K] float32 -> x @ weight.T + bias where kernels.cpp is missing: 16-bit weights through fbgemm's
+    float16 kernel, float32 through oneDNN's pre-packed copy, else F.linear."""
+    if weight.dtype != torch.float32:
+        packed = torch.ops.quantized.linear_prepack_fp16(weight.float(), bias)
+        return lambda flat: torch.ops.quantized.linear_dynamic_fp16(flat, packed)
+    if _ONEDNN:
+        try:
+            packed = torch.ops.mkldnn._reorder_linear_weight(weight, 8)
+            return lambda flat: torch.ops.mkldnn._linear_pointwise(flat, packed, bias, "none", [], "")
+        except (RuntimeError, AttributeError):  # an unusual build: keep the plain path
+            pass
+    return lambda flat: F.linear(flat, weight, bias)
 
 
 def _as_output(y: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
@@ -222,16 +223,21 @@ def _contiguous(residual: torch.Tensor | None) -> torch.Tensor | None:
     return residual if residual is None or residual.is_contiguous() else residual.contiguous()
 
 
+def panels(weight: torch.Tensor) -> torch.Tensor:
+    """weight [N, K] in the order kernels.cpp's panel_linear reads it, as a 1-D tensor: the output features in
+    panels of 8, each panel's K x 8 values k-major, then the last N % 8 features k-major as well."""
+    n, k = weight.shape
+    whole = n // 8 * 8
+    body = weight[:whole].reshape(n // 8, 8, k).transpose(1, 2)
+    return torch.cat([body.reshape(-1), weight[whole:].t().reshape(-1)])
+
+
 def kernel_layout(weight: torch.Tensor) -> torch.Tensor:
-    """The weight laid out as its kernel reads it, on the CPU in huge pages (HugePages): float32 column-major for
-    Float32Kernel's batched one-row product when kernels.cpp is missing or the matrix is larger than
-    OWN_MAX_BYTES, else row-major, which kernels.cpp reads (fbgemm's and oneDNN's kernels pack their own copies)."""
-    if weight.device.type != "cpu":
-        return weight.contiguous()
-    if weight.dtype == torch.float32 and (kernels.library() is None
-                                          or weight.numel() * 4 > Float32Kernel.OWN_MAX_BYTES):
-        return HUGE_PAGES.copy(weight.t()).t()
-    return HUGE_PAGES.copy(weight)
+    """The weight as its kernel reads it: int8 weights on the CPU in huge pages (HugePages), which Int8Kernel
+    reads as they are; float weights as they are (FloatKernel reads its own repacked copy, in huge pages)."""
+    if weight.device.type == "cpu" and weight.dtype == torch.int8:
+        return HUGE_PAGES.copy(weight)
+    return weight.contiguous()
 
 
 class HugePages:
@@ -332,43 +338,6 @@ class Int8Kernel:
         return [self.q, self.scale, self.bias], (1 if self.packed is not None else 1 << 30)
 
 
-class Float16Kernel:
-    """bfloat16 / float16 weights: up to OWN_ROWS activation rows through kernels.cpp's float_linear,
-    which reads the layer's 16-bit weight as it is (bfloat16 -> float32 is a shift, exact) and multiplies in
-    float32; more rows through fbgemm's float16 kernel, on its own packed float16 copy. Activations cross both in
-    float32.
-
-    Why our own for few rows: fbgemm's float16 matrix-vector product reads GPT-2-124M's 49 matrices (248 MB in
-    16 bits) in ~9 ms alone but 12-14 ms inside a decode step here; float_linear streams them like float32. Not
-    beyond 4 rows (unlike float32): alone, fbgemm's float16 kernel took GPT-2's 48 block matrices in 17.2 vs 23.3
-    ms at 8 rows (11.6 vs 12.3 at 4, where the step still favoured ours)."""
-
-    OWN_ROWS = 4
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
-        self.out_features = weight.shape[0]
-        self.bias = None if bias is None else bias.detach().float().contiguous()
-        library = kernels.library()
-        self.own = library.float_linear.default if library is not None else None
-        self.weight = weight.detach().contiguous()
-        self.packed = torch.ops.quantized.linear_prepack_fp16(weight.detach().float(), self.bias)
-
-    def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        flat = x.reshape(-1, x.shape[-1])
-        if flat.dtype != torch.float32:
-            flat = flat.float()
-        if self.own is not None and flat.shape[0] <= self.OWN_ROWS:
-            if x.dtype == torch.float32:
-                return self.own(flat.contiguous(), self.weight, self.bias,
-                                _contiguous(residual)).view(*x.shape[:-1], self.out_features)
-            y = self.own(flat.contiguous(), self.weight, self.bias)
-        else:
-            y = torch.ops.quantized.linear_dynamic_fp16(flat, self.packed)
-        return _as_output(y, x, residual)
-
-    own_matrix = Float32Kernel.own_matrix  # the same weight, bias, own and OWN_ROWS attributes
-
-
 class FusedLinears:
     """Linears that read the same input run as one matrix product: one kernel call and (int8) one activation
     quantization instead of several; in a GPT-2-124M decode step this saves 24 of 49 matrix calls. Each output
@@ -421,8 +390,7 @@ def make_kernel(weight: torch.Tensor, bias: torch.Tensor | None, scale: torch.Te
         return None
     if scale is not None:
         return Int8Kernel(weight, scale, bias)
-    if weight.dtype == torch.float32:
-        return Float32Kernel(weight, bias)
-    if weight.dtype in (torch.bfloat16, torch.float16) and _FBGEMM:
-        return Float16Kernel(weight, bias)
+    if weight.dtype == torch.float32 or (weight.dtype in (torch.bfloat16, torch.float16)
+                                         and (_FBGEMM or kernels.library() is not None)):
+        return FloatKernel(weight, bias)
     return None
