@@ -558,6 +558,23 @@ def test_argmax_rows_answers_as_torch_argmax_on_ties_infinities_and_nans(library
         library.argmax_rows(torch.zeros(3, 0))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_without_kernels_cpp_float_weights_go_through_torchs_products(monkeypatch, dtype):
+    if dtype != torch.float32 and not quant._FBGEMM:
+        pytest.skip("16-bit weights without kernels.cpp need fbgemm")
+    monkeypatch.setattr(kernels, "library", lambda: None)
+    g = torch.Generator().manual_seed(9)
+    weight, bias = torch.randn(40, 24, generator=g).to(dtype), torch.randn(40, generator=g)
+    kernel = quant.make_kernel(weight, bias, None)
+    assert isinstance(kernel, quant.FloatKernel) and kernel.own is None and kernel.own_matrix() is None
+    x, residual = torch.randn(2, 3, 24, generator=g), torch.randn(2, 3, 40, generator=g)
+    expected = residual + F.linear(x, weight.float(), bias)
+    # oneDNN in float32, fbgemm's float16 kernel (float16 weights, exact for these bfloat16 values); a lost bias
+    # or residual is ~1
+    torch.testing.assert_close(kernel(x, residual), expected, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(kernel(x[:1, :1]), expected[:1, :1] - residual[:1, :1], atol=1e-4, rtol=1e-4)
+
+
 def test_switched_off_by_the_environment(monkeypatch):
     monkeypatch.setenv("TINYFORMER_KERNELS", "0")
     assert not kernels.supported()

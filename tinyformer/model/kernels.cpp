@@ -212,11 +212,12 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tenso
 // panels (quant.panels writes them): the output features in groups of kPanelWidth, each group k-major ([N / 8][K][8]),
 // then the last N % 8 features k-major too ([K][N % 8]); a 1-D tensor, so N = its size / K.
 //
-// An outer product: for each k, one weight vector per panel (8 outputs) is multiplied by each row's x[k], broadcast. A tile of 4 rows x 3 panels keeps 12 accumulators in registers (AVX2
-// has 16) and does 12 FMAs for 3 weight and 4 activation loads, so from a few rows on it runs near the FMA units'
-// peak, and at one row its three streams through memory outrun the row-by-row dot products this file had before
-// (float_linear, the weight in nn.Linear's layout, 2 x 16 weights an iteration, summed across the vector at the end). Each output is
-// one FMA chain over k in order, then + bias, then + residual: a row's result depends on nothing else (not M,
+// An outer product: for each k, one weight vector per panel (8 outputs) is multiplied by each row's x[k],
+// broadcast. A tile of 4 rows x 3 panels keeps 12 accumulators in registers (AVX2 has 16) and does 12 FMAs for 3
+// weight and 4 activation loads, so from a few rows on it runs near the FMA units' peak, and at one row its
+// streams through memory outrun the row-by-row dot products this file had before (float_linear, the weight in
+// nn.Linear's layout, 2 x 16 weights an iteration, summed across the vector at the end). Each output is one FMA
+// chain over k in order, then + bias, then + residual: a row's result depends on nothing else (not M,
 // the tiling or the thread count). Measured (medians of alternating passes, 2 threads, weights in huge pages):
 // an opus-mt-sized decoder's 37 float32 matrices (104 MB) 3.4 vs 4.2 ms (float_linear) vs 5.8 (oneDNN pre-packed)
 // at 1 row, 4.5 / 6.7 / 8.5 at 8, 11.9 vs 17.1 (oneDNN) at 32, 45.7 vs 55.8 at 128; in bfloat16 2.2 vs 2.5 ms

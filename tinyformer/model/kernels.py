@@ -95,7 +95,7 @@ def library():
         _library = torch.ops.tinyformer
     except Exception as error:  # no compiler, no ninja, a read-only home: fbgemm's kernel still works
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        print(f"tinyformer: few-row products use torch's kernels (slower); building ours failed: {reason}",
+        print(f"tinyformer: matrix products use torch's kernels (slower); building ours failed: {reason}",
               file=sys.stderr)
         _library = None
     finally:

@@ -18,8 +18,8 @@ class Linear(nn.Linear):
 
     A decode step is a matrix-vector product per weight, so speed is set by how the weight is laid out and which
     kernel reads it. `pack()` lays the weight out as its kernel reads it (quant.kernel_layout) and builds the fastest
-    kernel for its precision (quant.make_kernel: our own kernels.cpp for float32 up to 8 rows and int8 at one row,
-    oneDNN pre-packed float32 and fbgemm int8 for more rows, fbgemm float16 for 16-bit weights). The kernel is used
+    kernel for its precision (quant.make_kernel: our own kernels.cpp for float32 and 16-bit weights at any number
+    of rows, on a copy repacked in panels, and for int8 at one row; fbgemm int8 for more rows). The kernel is used
     only without autograd and only while the weight is unchanged (its version counter); state_dict, training and
     every other path see an ordinary nn.Linear. `quantize_int8()` replaces the weight by int8 values and a per-row
     `weight_scale` (quant.quantize_int8); such a layer is for inference only.
@@ -323,7 +323,7 @@ class Block(nn.Module):
         """After the Linears and the attention are packed: a decode step of the whole block as one kernels.cpp call
         (DecoderLayer: the same norms, rotations, activations and kernels in the same order, without the Python
         between them), when every part has a kernels.cpp form: LayerNorms or RMSNorms, self-attention through the
-        attention kernel on the fused q/k/v product, every matrix on kernels.cpp's few-row kernels."""
+        attention kernel on the fused q/k/v product, every matrix on a kernels.cpp kernel."""
         self._decode_layer = None
         library = kernels.library()
         cross = self.cross_attn
