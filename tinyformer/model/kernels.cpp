@@ -334,7 +334,7 @@ void panel_product(const float* X, const Weight* W, const float* bias, int64_t M
   const int64_t full = N / kPanelWidth, tail = N % kPanelWidth;
   const int64_t per_group = M == 1 ? 2 * kTilePanels : kTilePanels;  // panels a unit of work
   const int64_t groups = (full + per_group - 1) / per_group;
-  // units of work: groups of up to 3 whole panels, then the tail's partial panel, for each block of rows
+  // units of work: groups of whole panels (3, or 6 at one row), then the tail's partial panel, for each block of rows
   const int64_t units = groups + (tail ? 1 : 0), blocks = (M + kRowBlock - 1) / kRowBlock;
   std::vector<float> tail_panel;
   if (tail) {  // zero-padded to a whole panel; its products are stored aside and then added up as panel_tile adds
