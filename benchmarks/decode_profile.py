@@ -33,8 +33,8 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-# decoder_layer_step's self time is the matrix products and attention it calls directly (no dispatcher between)
-MATMUL_OPS = ("tinyformer::decoder_layer_step",
+# DecoderLayer::step's self time is the matrix products and attention it calls directly (no dispatcher between)
+MATMUL_OPS = ("DecoderLayer::step",
               "aten::addmm", "aten::mm", "aten::bmm", "aten::linear", "aten::matmul", "mkldnn::_linear_pointwise",
               "quantized::linear_dynamic", "quantized::linear_dynamic_fp16", "aten::_weight_int8pack_mm",
               "tinyformer::int8_linear", "tinyformer::panel_linear")
@@ -186,12 +186,12 @@ def time_int8_matrices(seed: int, rows=(1, 2, 8, 32), repeats: int = 6) -> None:
     if not found or found[0].one_row is None or found[0].packed is None:
         print("int8 matrices: needs both our kernel and fbgemm")
         return
-    megabytes = sum(k.q.numel() for k in found) / 1e6
+    megabytes = sum(k._groups().numel() for k in found) / 1e6
     print(f"\nint8: the model's {len(found)} matrix calls ({megabytes:.0f} MB) back to back, best of {repeats}, ms")
     print("| rows | ours | fbgemm |\n|---:|---:|---:|")
     for m in rows:
-        xs = [torch.randn(m, k.q.shape[1]) for k in found]
-        runs = {"ours": lambda: [k.one_row(x, k.q, k.scale, k.bias) for k, x in zip(found, xs)],
+        xs = [torch.randn(m, k._groups().shape[1]) for k in found]
+        runs = {"ours": lambda: [k.one_row(x, k._groups(), k.scale, k.bias) for k, x in zip(found, xs)],
                 "fbgemm": lambda: [torch.ops.quantized.linear_dynamic(x, k.packed, True) for k, x in zip(found, xs)]}
         best = {name: float("inf") for name in runs}
         for _ in range(repeats):

@@ -44,14 +44,15 @@ def test_kernels_build_where_a_compiler_and_avx2_exist(library):
 
 @needs_kernels
 @pytest.mark.parametrize("m, n, k, with_bias", [(1, 40, 64, True), (1, 768, 768, False), (3, 33, 70, True),
-                                                (5, 17, 33, False), (70, 24, 96, True)])
+                                                (5, 17, 33, False), (70, 24, 96, True), (2, 31, 64, True),
+                                                (1, 30, 48, False), (1, 3, 40, True)])
 def test_int8_product_equals_its_exact_arithmetic(library, m, n, k, with_bias):
     q, scale = int8_weight(n, k, seed=m + n + k)
     g = torch.Generator().manual_seed(k)
     x = torch.randn(m, k, generator=g) * 3
     x[0, : min(k, 32)] = 0  # a block of zeros has scale 0
     bias = torch.randn(n, generator=g) if with_bias else None
-    y = library.int8_linear(x, F.pad(q, (0, -k % 32)).contiguous(), scale, bias)
+    y = library.int8_linear(x, quant.int8_groups(q), scale, bias)
     expected = reference(x, q, scale, bias)
     # float32 block sums and accumulation: ~1e-7 of the magnitude; a wrong block, sign or scale is >= 1e-2
     assert (y.double() - expected).abs().max() <= 1e-5 * expected.abs().max()
@@ -63,8 +64,9 @@ def test_int8_product_equals_its_exact_arithmetic(library, m, n, k, with_bias):
 def test_each_row_equals_its_result_alone(library):
     q, scale = int8_weight(48, 96, seed=1)
     x = torch.randn(11, 96, generator=torch.Generator().manual_seed(2))
-    together = library.int8_linear(x, q, scale, None)
-    alone = torch.cat([library.int8_linear(x[i:i + 1].contiguous(), q, scale, None) for i in range(11)])
+    groups = quant.int8_groups(q)
+    together = library.int8_linear(x, groups, scale, None)
+    alone = torch.cat([library.int8_linear(x[i:i + 1].contiguous(), groups, scale, None) for i in range(11)])
     assert torch.equal(together, alone)
 
 
@@ -72,7 +74,7 @@ def test_each_row_equals_its_result_alone(library):
 def test_bad_input_is_refused_with_the_shape_it_needs(library):
     q, scale = int8_weight(8, 64, seed=0)
     with pytest.raises(RuntimeError, match="x has 96 features, w 64"):
-        library.int8_linear(torch.randn(1, 96), q, scale, None)
+        library.int8_linear(torch.randn(1, 96), quant.int8_groups(q), scale, None)
     with pytest.raises(RuntimeError, match=r"w: contiguous int8 \[N, K padded to a multiple of 32\]"):
         library.int8_linear(torch.randn(1, 48), q[:, :48].contiguous(), scale, None)
 
@@ -85,7 +87,8 @@ def test_int8_kernel_uses_ours_for_one_row_and_fbgemm_for_several(library):
     kernel = quant.Int8Kernel(q, scale, bias)
     x = torch.randn(2, 5, 96, generator=torch.Generator().manual_seed(4))
     one = kernel(x[:1, :1])
-    assert torch.equal(one.view(1, 64), library.int8_linear(x[0, :1].contiguous(), q, scale, bias))
+    alone = library.int8_linear(x[0, :1].contiguous(), quant.int8_groups(q), scale, bias)
+    assert torch.equal(one.view(1, 64), alone)
     several = kernel(x)
     assert several.shape == (2, 5, 64)
     fbgemm = torch.ops.quantized.linear_dynamic(x.view(10, 96), kernel.packed, True)
@@ -98,6 +101,15 @@ def test_int8_kernel_uses_ours_for_one_row_and_fbgemm_for_several(library):
 
 def panel_product(library, x, w, bias=None, *residual):
     return library.panel_linear(x, quant.panels(w), bias, *residual)
+
+
+def test_int8_groups_hold_4_rows_side_by_side_block_by_block():
+    q = torch.arange(7 * 64).view(7, 64).to(torch.int8)  # q[n, k] = 64n + k (mod 256)
+    groups = quant.int8_groups(q[:, :40])  # padded to 64 columns with zeros
+    padded = F.pad(q[:, :40], (0, 24))
+    expected = [padded[n, 32 * b + i] for b in range(2) for n in range(4) for i in range(32)]  # rows 0-3
+    expected += [padded[n, 32 * b + i] for b in range(2) for n in range(4, 7) for i in range(32)]  # the last 3
+    assert groups.shape == (7, 64) and groups.flatten().tolist() == torch.stack(expected).tolist()
 
 
 def test_panels_hold_each_output_feature_k_major_in_groups_of_8():
@@ -176,7 +188,7 @@ def test_the_residual_is_added_as_the_output_is_stored(library, weight):
     x, bias, residual = torch.randn(3, 64, generator=g), torch.randn(40, generator=g), torch.randn(3, 40, generator=g)
     if weight == "int8":
         q, scale = int8_weight(40, 64, 6)
-        product = lambda *r: library.int8_linear(x, q, scale, bias, *r)  # noqa: E731
+        product = lambda *r: library.int8_linear(x, quant.int8_groups(q), scale, bias, *r)  # noqa: E731
     else:
         w = torch.randn(40, 64, generator=g).to(getattr(torch, weight))
         product = lambda *r: panel_product(library, x, w, bias, *r)  # noqa: E731
@@ -392,12 +404,8 @@ def test_decoding_through_the_attention_kernels_equals_sdpa(library, kind):
 
 
 def python_steps(model) -> None:
-    """Decode steps through the blocks' Python layers (each block's one-call step, DecoderLayer, off)."""
-    from tinyformer.model.layers import Block
-
-    for block in model.modules():
-        if isinstance(block, Block):
-            block._decode_layer = None
+    """Decode steps through the blocks' Python layers (the one-call step of the blocks, DecodeStack, off)."""
+    model._decode_stack = None
 
 
 def sdpa_steps(model) -> None:
@@ -411,12 +419,12 @@ def sdpa_steps(model) -> None:
 
 
 def count_layer_steps(patch) -> list:
-    """Patch KVCache.decode_layer to record the layer index of every one-call block step."""
+    """Patch KVCache.decode_stack to record the layer index of every block step it takes in one call."""
     from tinyformer.generation.cache import KVCache
 
-    calls, decode_layer = [], KVCache.decode_layer
-    patch.setattr(KVCache, "decode_layer",
-                  lambda cache, layer, *a: calls.append(layer) or decode_layer(cache, layer, *a))
+    calls, decode_stack = [], KVCache.decode_stack
+    patch.setattr(KVCache, "decode_stack",
+                  lambda cache, stack, *a: calls.extend(range(len(stack.blocks))) or decode_stack(cache, stack, *a))
     return calls
 
 
@@ -500,7 +508,7 @@ def test_a_rolling_window_steps_in_one_call_as_through_its_python_layers(library
 
 
 @needs_kernels
-def test_a_block_whose_weight_changed_after_packing_steps_through_python(library):
+def test_blocks_whose_weight_changed_after_packing_step_through_python(library):
     from tinyformer.generation import TokenStream
 
     model = tiny_model("tiny", vocab_size=64).pack_for_inference()
@@ -513,7 +521,7 @@ def test_a_block_whose_weight_changed_after_packing_steps_through_python(library
     with pytest.MonkeyPatch.context() as patch:
         calls = count_layer_steps(patch)
         ours = decode()
-    assert calls == [0] * 5  # block 1 runs its Python layers, which see the new weight
+    assert calls == []  # the blocks run their Python layers, which see the new weight
     fresh = tiny_model("tiny", vocab_size=64)
     with torch.no_grad():
         fresh.blocks[1].mlp.up.weight.mul_(1.5)
@@ -525,10 +533,14 @@ def test_a_decoder_layer_refuses_bad_input_in_one_line(library):
     model = tiny_model("tiny", vocab_size=64).pack_for_inference()
     block = model.blocks[0]
     k = torch.zeros(4, 1, 4, 8, 32)
+    step = block._decode_layer.step
     with pytest.raises(RuntimeError, match=r"x: contiguous float32 \[batch, 1, d_model\], got \[1, 2, 128\]"):
-        block._decode_layer(torch.zeros(1, 2, 128), k, k.clone(), 0, 0, 1, None, None, None, None, None)
+        step(torch.zeros(1, 2, 128), k, k.clone(), 0, 0, 1, None, None, None, None, None, None, None)
     with pytest.raises(RuntimeError, match="this layer has no cross-attention"):
-        block._decode_layer(torch.zeros(1, 1, 128), k, k.clone(), 0, 0, 1, None, None, k[0], k[0], None)
+        step(torch.zeros(1, 1, 128), k, k.clone(), 0, 0, 1, None, None, k[0], k[0], None, None, None)
+    with pytest.raises(RuntimeError, match=r"cross_k, cross_v: one per layer \(2\) or none"):
+        model._decode_stack.step(torch.zeros(1, 1, 128), k, k.clone(), 0, 1, None, None, [k[0]], [k[0]], None, None,
+                                 None)
     norms = [block.norm1.weight, block.norm1.bias, None, None, block.norm2.weight, block.norm2.bias]
     matrices = [block.attn._qkv.kernel.weight, None, None] + [None] * 18
     with pytest.raises(RuntimeError, match="activation tanh is not one of relu, gelu, gelu_tanh, silu, swiglu"):

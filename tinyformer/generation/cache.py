@@ -142,17 +142,15 @@ class KVCache:
         self._attended = True
         return cached_decode_attention_fused(qkv, self.k, self.v, layer, self._slots.start, self._read, mask, self.rows)
 
-    def decode_layer(self, layer: int, step, x, mask, cross_attention=None, memory=None, memory_mask=None,
-                     rope=None):
-        """A whole decoder layer's decode step through kernels.cpp (layers.Block): attend's arguments, plus the
-        layer's cross-attention keys and values when it has cross-attention, and the rotary cos/sin when given."""
+    def decode_stack(self, stack, x, mask, memory=None, memory_mask=None, rope=None):
+        """Every decoder layer's decode step in one kernels.cpp call (layers.DecodeStack): attend's arguments, plus
+        each layer's cross-attention keys and values when the layers have cross-attention, and the rotary cos/sin
+        when given."""
         self._attended = True
-        k = v = None
-        if cross_attention is not None:
-            k, v = self.cross_kv(layer, cross_attention, memory)
+        cross = [self.cross_kv(layer, attention, memory) for layer, attention in enumerate(stack.cross)]
         cos, sin = rope if rope is not None else (None, None)
-        return step(x, self.k, self.v, layer, self._slots.start, self._read, mask, self.rows, k, v, memory_mask, cos,
-                    sin)
+        return stack.step(x, self.k, self.v, self._slots.start, self._read, mask, self.rows, [k for k, _ in cross],
+                          [v for _, v in cross], memory_mask, cos, sin)
 
     def advance(self, T: int) -> None:
         self.length += T

@@ -22,6 +22,10 @@ class GPT(TransformerModel):
         if config.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
 
+    @property
+    def decoder_blocks(self) -> nn.ModuleList:
+        return self.blocks
+
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, cache=None, last_only: bool = False,
                 record_attention: bool = False) -> torch.Tensor:

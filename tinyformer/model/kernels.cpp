@@ -1,24 +1,28 @@
 // Matrix products for inference on x86 CPUs with AVX2 and FMA, for the few activation rows of a decode step
 // (kernels.py builds this file on first use and says why it exists), x and y float32:
-// - int8_linear: y[M, N] = x[M, K] @ (w[N, K] * w_scale[N])^T (+ bias) (+ residual), w int8.
+// - int8_linear: y[M, N] = x[M, K] @ (w[N, K] * w_scale[N])^T (+ bias) (+ residual), w int8 in groups of 4 rows.
 // - panel_linear: y[M, N] = x[M, K] @ w[N, K]^T (+ bias) (+ residual), w float32, bfloat16 or float16 repacked in
 //   panels of 8 output features, for any number of rows. The residual stream, when given, is added as the output
 //   is stored: one small op less a sublayer.
 // - decode_attention: a decode step's attention, each row's one query over its cached keys (cached_decode_attention
 //   also writes the step's keys and values into the KV cache first).
+// - DecoderLayer, DecoderStack: a decoder block's decode step, and all of a decoder's, in one call.
 //
 // int8: each activation row is quantized per block of 32 values to int8 with its own scale (llama.cpp's q8_0 does
 // the same), and each block's dot product is exact in int32: maddubs(|q|, sign(w, q)) multiplies |q| (unsigned) by
-// w carrying q's sign, so q keeps all 8 bits. A block's int32 sum becomes float32 and is scaled into one of two
-// float32 accumulators per output (even / odd blocks).
+// w carrying q's sign, so q keeps all 8 bits. A block's int32 sum becomes float32 and is scaled into the output's
+// float32 accumulator.
 //
 // - A row's result depends only on that row: every (row of x, row of w) pair runs the same instructions in the
 //   same order whatever M is, however the rows are tiled and whatever the thread count.
-// - The weight is read once per call (per 64 rows): each thread owns a contiguous range of it and streams through
-//   it. int8 goes row by row, multiplying each weight row by up to 4 activation rows while it sits in the L1
-//   cache. (Reading 4 int8 rows at once, 768 bytes apart, left the hardware prefetcher short streams: GPT-2's 38 MB
-//   output matrix at ~10 GB/s, against ~31 with the same 4 rows interleaved in memory, which would need a repacked
-//   copy; row by row the 49 matrices stream at ~23 GB/s.) Float weights are repacked (panel_linear).
+// - The weight is read once per call (per 64 rows for float): each thread owns a contiguous range of it and
+//   streams through it. int8 weights are repacked in groups of 4 rows side by side block by block, so that one
+//   stream carries 4 rows, each activation row multiplied by the group while it sits in L1: GPT-2's 49 matrices
+//   at one row in 5.64 vs 6.22 ms row by row (1.07x, medians of 40 alternating passes); the same loops reading
+//   the weight without the arithmetic take 92-93% of that time, so memory, not the arithmetic, sets it. Reading 4 row-major rows at once, 768
+//   bytes apart, left the hardware prefetcher 4 short streams (GPT-2's output matrix at ~10 GB/s against ~31);
+//   2 or 4 streams a thread, or software prefetch ahead, measured 3-17% slower. Float weights are repacked in
+//   panels (panel_linear).
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -48,49 +52,13 @@
 namespace {
 
 constexpr int64_t kBlock = 32;   // int8: activation values sharing one scale, and the unit of the int32 dot product
-constexpr int64_t kTile = 4;     // activation rows multiplied by one weight row while it is in L1
+constexpr int64_t kGroup = 4;    // int8: weight rows stored block by block side by side (quant.int8_groups)
 constexpr int64_t kRowBlock = 64;  // activation rows kept in L2 while a thread streams its part of the weight
-// Each thread asks for the weight 16 KB ahead of the row it multiplies: on GPT-2's 49 int8 matrices at one row,
-// 4.6-6.2 ms (median of 12) against 5.3-6.7 ms without, on top of the hardware prefetcher; 2 to 16 rows or 4 to
-// 16 KB ahead all measured alike.
-constexpr int64_t kPrefetch = 16384;
 
 inline float horizontal_sum(__m256 v) {
   __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   h = _mm_add_ps(h, _mm_movehl_ps(h, h));
   return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
-}
-
-// Runs product(n, m, tile, out) for every weight row n and every tile of T <= kTile activation rows starting at m
-// (tile is std::integral_constant<int, T>, so the product's loops over T unroll), and stores out[t] as Y[m + t, n],
-// plus R[m + t, n] when R (a residual stream [M, N]) is given: the same one rounding as adding it afterwards.
-// Each thread owns a contiguous range of weight rows and streams through it row by row, the activations (a panel
-// of kRowBlock rows) staying in L2. With `prefetch` > 0 it asks for the weight that many bytes ahead of the row it
-// multiplies, within its own range.
-template <class Product>
-void for_each_weight_row(int64_t M, int64_t N, const char* W, int64_t row_bytes, int64_t prefetch, float* Y,
-                         const float* R, const Product& product) {
-  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
-    float out[kTile];
-    for (int64_t m0 = 0; m0 < M; m0 += kRowBlock) {
-      const int64_t m1 = std::min(M, m0 + kRowBlock);
-      for (int64_t n = begin; n < end; n++) {
-        const char* row = W + n * row_bytes;
-        if (prefetch > 0 && (n + 1) * row_bytes + prefetch <= end * row_bytes)
-          for (int64_t o = 0; o < row_bytes; o += 64) _mm_prefetch(row + prefetch + o, _MM_HINT_T0);
-        for (int64_t m = m0; m < m1; m += kTile) {
-          const int64_t T = std::min(kTile, m1 - m);
-          switch (T) {
-            case 4: product(n, m, std::integral_constant<int, 4>{}, out); break;
-            case 3: product(n, m, std::integral_constant<int, 3>{}, out); break;
-            case 2: product(n, m, std::integral_constant<int, 2>{}, out); break;
-            default: product(n, m, std::integral_constant<int, 1>{}, out);
-          }
-          for (int64_t t = 0; t < T; t++) Y[(m + t) * N + n] = R ? out[t] + R[(m + t) * N + n] : out[t];
-        }
-      }
-    }
-  });
 }
 
 // ---------------------------------------------------------------------------------------------------------- int8
@@ -129,35 +97,30 @@ void quantize_row(const float* x, int64_t K, int8_t* q, uint8_t* magnitude, floa
 }
 
 // The float32 value of one block's exact int32 dot product, as 8 partial sums.
-inline __m256 block_dot(__m256i w, const int8_t* q, const uint8_t* magnitude) {
-  const __m256i signed_w = _mm256_sign_epi8(w, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q)));
-  const __m256i pairs =
-      _mm256_maddubs_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(magnitude)), signed_w);
+inline __m256 block_dot(__m256i w, __m256i q, __m256i magnitude) {
+  const __m256i pairs = _mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(w, q));
   return _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
 }
 
-// One weight row times T activation rows (T <= kTile): even blocks sum into acc[t][0], odd ones into acc[t][1].
-template <int T>
-void int8_row(const int8_t* w, const int8_t* q, const uint8_t* magnitude, const float* scale, int64_t blocks,
-              float* out) {
-  const int64_t K = blocks * kBlock;
-  __m256 acc[T][2];
-  for (int t = 0; t < T; t++) acc[t][0] = acc[t][1] = _mm256_setzero_ps();
-  auto add_block = [&](int64_t b, int parity) {
-    const __m256i wb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + b * kBlock));
-    for (int t = 0; t < T; t++) {
-      const int64_t at = t * K + b * kBlock;
-      acc[t][parity] = _mm256_fmadd_ps(block_dot(wb, q + at, magnitude + at), _mm256_set1_ps(scale[t * blocks + b]),
-                                       acc[t][parity]);
+// One group of R <= kGroup weight rows (block-interleaved, [blocks][R][32]) times one quantized activation row:
+// out[r] = the row's dot product with weight row r, unscaled by the weight's row scale. Each weight row has one
+// accumulator, a block's float32 sum times the block's activation scale added in block order; the R chains run
+// side by side and share the activation block's loads.
+template <int R>
+void int8_group(const int8_t* group, const int8_t* q, const uint8_t* magnitude, const float* scale, int64_t blocks,
+                float* out) {
+  __m256 acc[R];
+  for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < blocks; b++) {
+    const __m256i qb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + b * kBlock));
+    const __m256i mb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(magnitude + b * kBlock));
+    const __m256 s = _mm256_set1_ps(scale[b]);
+    for (int r = 0; r < R; r++) {
+      const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(group + (b * R + r) * kBlock));
+      acc[r] = _mm256_fmadd_ps(block_dot(w, qb, mb), s, acc[r]);
     }
-  };
-  int64_t b = 0;
-  for (; b + 2 <= blocks; b += 2) {
-    add_block(b, 0);
-    add_block(b + 1, 1);
   }
-  if (b < blocks) add_block(b, 0);
-  for (int t = 0; t < T; t++) out[t] = horizontal_sum(_mm256_add_ps(acc[t][0], acc[t][1]));
+  for (int r = 0; r < R; r++) out[r] = horizontal_sum(acc[r]);
 }
 
 // The residual stream a product's output is added to, or nullptr: M x N contiguous float32 values, in any shape
@@ -173,7 +136,7 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tenso
                        const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& residual) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x: contiguous float32 [M, K]");
   TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kChar && w.is_contiguous() && w.size(1) % kBlock == 0,
-              "w: contiguous int8 [N, K padded to a multiple of 32]");
+              "w: contiguous int8 [N, K padded to a multiple of 32] in groups of 4 rows (quant.int8_groups)");
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0), Kp = w.size(1), blocks = Kp / kBlock;
   TORCH_CHECK(K <= Kp && Kp - K < kBlock, "x has ", K, " features, w ", Kp);
   TORCH_CHECK(w_scale.scalar_type() == at::kFloat && w_scale.numel() == N && w_scale.is_contiguous(), "w_scale");
@@ -196,12 +159,32 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   });
   const int8_t* W = w.data_ptr<int8_t>();
   const float* WS = w_scale.data_ptr<float>();
-  for_each_weight_row(M, N, reinterpret_cast<const char*>(W), Kp, kPrefetch, y.data_ptr<float>(),
-                      residual_data(residual, M, N), [&](int64_t n, int64_t m, auto tile, float* out) {
-    constexpr int T = decltype(tile)::value;
-    int8_row<T>(W + n * Kp, Q + m * Kp, A + m * Kp, S + m * blocks, blocks, out);
-    const float add = b_ptr ? b_ptr[n] : 0.0f;
-    for (int t = 0; t < T; t++) out[t] = out[t] * WS[n] + add;
+  const float* R = residual_data(residual, M, N);
+  float* Y = y.data_ptr<float>();
+  // Each thread streams a contiguous range of groups; every activation row is multiplied by a group while it sits
+  // in L1. A row's result depends on nothing but that row.
+  at::parallel_for(0, (N + kGroup - 1) / kGroup, 16, [&](int64_t begin, int64_t end) {
+    float out[kGroup];
+    for (int64_t g = begin; g < end; g++) {
+      const int64_t n0 = g * kGroup, rows = std::min(kGroup, N - n0);
+      const int8_t* group = W + n0 * Kp;
+      for (int64_t m = 0; m < M; m++) {
+        const int8_t* q = Q + m * Kp;
+        const uint8_t* a = A + m * Kp;
+        const float* s = S + m * blocks;
+        switch (rows) {
+          case 4: int8_group<4>(group, q, a, s, blocks, out); break;
+          case 3: int8_group<3>(group, q, a, s, blocks, out); break;
+          case 2: int8_group<2>(group, q, a, s, blocks, out); break;
+          default: int8_group<1>(group, q, a, s, blocks, out);
+        }
+        for (int64_t r = 0; r < rows; r++) {
+          const int64_t n = n0 + r;
+          const float value = out[r] * WS[n] + (b_ptr ? b_ptr[n] : 0.0f);
+          Y[m * N + n] = R ? value + R[m * N + n] : value;
+        }
+      }
+    }
   });
   return y;
 }
@@ -770,7 +753,7 @@ struct DecoderLayer : torch::CustomClassHolder {
   // values into slot `slot` of layer `layer` of the cache and reads slots [0, read) (cached_decode_attention),
   // after rotating queries and keys by rope_cos, rope_sin [B, 1, 1, head_dim] when given; cross-attention reads
   // cross_k, cross_v [sources, heads, S, head_dim] (the B rows are sources x beams).
-  at::Tensor step(const at::Tensor& x_in, at::Tensor& k_cache, at::Tensor& v_cache, int64_t layer, int64_t slot,
+  at::Tensor step(const at::Tensor& x_in, at::Tensor k_cache, at::Tensor v_cache, int64_t layer, int64_t slot,
                   int64_t read, const c10::optional<at::Tensor>& mask, const c10::optional<at::Tensor>& rows,
                   const c10::optional<at::Tensor>& cross_k, const c10::optional<at::Tensor>& cross_v,
                   const c10::optional<at::Tensor>& cross_mask, const c10::optional<at::Tensor>& rope_cos,
@@ -825,22 +808,45 @@ struct DecoderLayer : torch::CustomClassHolder {
   }
 };
 
-at::Tensor decoder_layer_step(const c10::intrusive_ptr<DecoderLayer>& self, const at::Tensor& x,
-                              at::Tensor& k_cache, at::Tensor& v_cache, int64_t layer, int64_t slot, int64_t read,
-                              const c10::optional<at::Tensor>& mask, const c10::optional<at::Tensor>& rows,
-                              const c10::optional<at::Tensor>& cross_k, const c10::optional<at::Tensor>& cross_v,
-                              const c10::optional<at::Tensor>& cross_mask, const c10::optional<at::Tensor>& rope_cos,
-                              const c10::optional<at::Tensor>& rope_sin) {
-  return self->step(x, k_cache, v_cache, layer, slot, read, mask, rows, cross_k, cross_v, cross_mask, rope_cos,
-                    rope_sin);
-}
+// A decoder's layers stepped in turn in one call from Python (layers.DecodeStack): the Python between one layer's
+// step and the next (module calls, checks, a method call each) was ~8% of a GPT-2 int8 decode step here. Layer i
+// uses layer i of the KV cache and cross_k[i], cross_v[i] (empty lists: no cross-attention).
+struct DecoderStack : torch::CustomClassHolder {
+  std::vector<c10::intrusive_ptr<DecoderLayer>> layers;
+
+  explicit DecoderStack(c10::List<c10::intrusive_ptr<DecoderLayer>> list) {
+    for (const auto& layer : list) layers.push_back(layer);
+  }
+
+  at::Tensor step(at::Tensor x, at::Tensor k_cache, at::Tensor v_cache, int64_t slot, int64_t read,
+                  const c10::optional<at::Tensor>& mask, const c10::optional<at::Tensor>& rows,
+                  c10::List<c10::optional<at::Tensor>> cross_k, c10::List<c10::optional<at::Tensor>> cross_v,
+                  const c10::optional<at::Tensor>& cross_mask, const c10::optional<at::Tensor>& rope_cos,
+                  const c10::optional<at::Tensor>& rope_sin) const {
+    const int64_t n = static_cast<int64_t>(layers.size());
+    TORCH_CHECK(cross_k.size() == cross_v.size() && (cross_k.empty() || static_cast<int64_t>(cross_k.size()) == n),
+                "cross_k, cross_v: one per layer (", n, ") or none");
+    for (int64_t i = 0; i < n; i++) {
+      const c10::optional<at::Tensor> k = cross_k.empty() ? c10::nullopt : cross_k.get(i);
+      const c10::optional<at::Tensor> v = cross_v.empty() ? c10::nullopt : cross_v.get(i);
+      x = layers[i]->step(x, k_cache, v_cache, i, slot, read, mask, rows, k, v, cross_mask, rope_cos, rope_sin);
+    }
+    return x;
+  }
+};
 
 }  // namespace
 
 TORCH_LIBRARY(tinyformer, m) {
   m.class_<DecoderLayer>("DecoderLayer")
       .def(torch::init<c10::List<c10::optional<at::Tensor>>, c10::List<c10::optional<at::Tensor>>, int64_t, int64_t,
-                       int64_t, bool, bool, std::string, double>());
+                       int64_t, bool, bool, std::string, double>())
+      // a method, not an op taking the layer: an op's call from Python looks up __torch_function__ on each argument,
+      // and on a custom-class object that lookup fails by throwing a C++ exception (~30 us a call here)
+      .def("step", &DecoderLayer::step);
+  m.class_<DecoderStack>("DecoderStack")
+      .def(torch::init<c10::List<c10::intrusive_ptr<DecoderLayer>>>())
+      .def("step", &DecoderStack::step);
   m.def("int8_linear(Tensor x, Tensor w, Tensor w_scale, Tensor? bias, Tensor? residual=None) -> Tensor", &int8_linear);
   m.def("panel_linear(Tensor x, Tensor w, Tensor? bias, Tensor? residual=None) -> Tensor", &panel_linear);
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor? mask) -> Tensor", &decode_attention);
@@ -849,8 +855,4 @@ TORCH_LIBRARY(tinyformer, m) {
   m.def("cached_decode_attention_fused(Tensor qkv, Tensor(a!) k_cache, Tensor(b!) v_cache, int layer, int slot, "
         "int read, Tensor? mask, Tensor? rows=None) -> Tensor", &cached_decode_attention_fused);
   m.def("argmax_rows(Tensor x) -> Tensor", &argmax_rows);
-  m.def("decoder_layer_step(__torch__.torch.classes.tinyformer.DecoderLayer layer, Tensor x, Tensor(a!) k_cache, "
-        "Tensor(b!) v_cache, int layer_index, int slot, int read, Tensor? mask, Tensor? rows, Tensor? cross_k, "
-        "Tensor? cross_v, Tensor? cross_mask, Tensor? rope_cos=None, Tensor? rope_sin=None) -> Tensor",
-        &decoder_layer_step);
 }

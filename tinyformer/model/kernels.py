@@ -1,6 +1,7 @@
 """tinyformer's own CPU kernels for inference (kernels.cpp), compiled on first use: int8 weights at one row,
-float32 and 16-bit weights at any number of rows (quant.Int8Kernel and FloatKernel say when each runs), the attention of a decode step (layers.Attention), a whole block's decode step in
-one call (DecoderLayer, layers.Block) and greedy's argmax.
+float32 and 16-bit weights at any number of rows (quant.Int8Kernel and FloatKernel say when each runs), the
+attention of a decode step (layers.Attention), a decoder's whole decode step in one call (DecoderLayer per block,
+DecoderStack for all: layers.DecodeStack) and greedy's argmax.
 
 Why our own: in a decode step of one or a few rows each weight matrix is read once from memory, so the kernel's read
 bandwidth sets the speed. fbgemm's int8 kernel (what torch offers) streams GPT-2-124M's 49 int8 matrices (124 MB)

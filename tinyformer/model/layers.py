@@ -1,7 +1,6 @@
 """The building blocks shared by every architecture: norms, positions, attention, feed-forward, block."""
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -10,16 +9,16 @@ import torch.nn.functional as F
 
 from . import kernels
 from .config import ModelConfig
-from .quant import FusedLinears, int8_linear, kernel_layout, make_kernel, pack, quantize_int8
+from .quant import FusedLinears, int8_linear, make_kernel, pack, quantize_int8
 
 
 class Linear(nn.Linear):
     """nn.Linear that can pre-pack its weight for fast CPU inference, and hold it as int8.
 
     A decode step is a matrix-vector product per weight, so speed is set by how the weight is laid out and which
-    kernel reads it. `pack()` lays the weight out as its kernel reads it (quant.kernel_layout) and builds the fastest
-    kernel for its precision (quant.make_kernel: our own kernels.cpp for float32 and 16-bit weights at any number
-    of rows, on a copy repacked in panels, and for int8 at one row; fbgemm int8 for more rows). The kernel is used
+    kernel reads it. `pack()` builds the fastest kernel for its precision (quant.make_kernel: our own kernels.cpp for
+    float32 and 16-bit weights at any number of rows, on a copy repacked in panels, and for int8 at one row, on a
+    copy repacked in groups of rows; fbgemm int8 for more rows), which keeps the weight laid out as it reads it. The kernel is used
     only without autograd and only while the weight is unchanged (its version counter); state_dict, training and
     every other path see an ordinary nn.Linear. `quantize_int8()` replaces the weight by int8 values and a per-row
     `weight_scale` (quant.quantize_int8); such a layer is for inference only.
@@ -33,7 +32,6 @@ class Linear(nn.Linear):
         self.register_buffer("weight_scale", None)  # set by quantize_int8; a None buffer is not in state_dict
 
     def pack(self) -> None:
-        self.weight.data = kernel_layout(self.weight.data)
         self._kernel = make_kernel(self.weight, self.bias, self.weight_scale)
         self._packed_version = self._weight_version()
 
@@ -316,11 +314,12 @@ class Block(nn.Module):
         self.mlp = FeedForward(config)
         self.dropout = nn.Dropout(config.dropout)
         self.post_norm = config.norm_position == "post"
-        self._decode_layer = None  # the whole decode step in one kernels.cpp call, set by pack
-        self._decode_rows, self._decode_linears, self._decode_versions = 0, [], []
+        # the block's decode step as kernels.cpp runs it (DecoderLayer) and the most rows it takes, set by pack;
+        # the model steps all its blocks' at once (DecodeStack)
+        self._decode_layer, self._decode_rows = None, 0
 
     def pack(self) -> None:
-        """After the Linears and the attention are packed: a decode step of the whole block as one kernels.cpp call
+        """After the Linears and the attention are packed: the block's decode step as kernels.cpp runs it
         (DecoderLayer: the same norms, rotations, activations and kernels in the same order, without the Python
         between them), when every part has a kernels.cpp form: LayerNorms or RMSNorms, self-attention through the
         attention kernel on the fused q/k/v product, every matrix on a kernels.cpp kernel."""
@@ -345,19 +344,11 @@ class Block(nn.Module):
             [t for m in own for t in (m[0] if m is not None else (None, None, None))],
             self.attn.n_heads, self.attn.n_kv_heads, self.attn.head_dim, self.post_norm, kind is RMSNorm,
             activation, self.norm1.eps)
-        self._decode_layer = functools.partial(library.decoder_layer_step.default, layer)
+        self._decode_layer = layer
         self._decode_rows = min(own[i][1] for i in needed)
-        self._decode_linears = [m for m in self.modules() if isinstance(m, Linear)]
-        self._decode_versions = [m._weight_version() for m in self._decode_linears]
 
     def forward(self, x, rope, mask, cache=None, record_attention=False, memory=None, memory_mask=(None, False),
                 unpadded=None):
-        if (self._decode_layer is not None and cache is not None and x.shape[1] == 1
-                and x.shape[0] <= self._decode_rows and x.dtype == torch.float32 and not record_attention
-                and not self.training and not torch.is_grad_enabled()
-                and self._decode_versions == [m._weight_version() for m in self._decode_linears]):
-            return cache.decode_layer(self.attn.layer_index, self._decode_layer, x, mask[0], self.cross_attn, memory,
-                                      memory_mask[0], rope)
         x = self._sublayer(x, self.norm1, self.attn, rope, mask, cache, record_attention, None, unpadded)
         if self.cross_attn is not None:
             x = self._sublayer(x, self.norm_cross, self.cross_attn, None, memory_mask, cache, record_attention,
@@ -374,11 +365,31 @@ class Block(nn.Module):
         return f(norm(x), *args, x)
 
 
+class DecodeStack:
+    """A decoder's blocks' decode step (one new token a row, with a KV cache) as one kernels.cpp call
+    (DecoderStack: each block's DecoderLayer in turn), used while every weight is the one packed, without autograd,
+    in float32, up to the rows its kernels take; else the blocks run their Python layers. Same results bit for bit."""
+
+    def __init__(self, blocks):
+        self.blocks = blocks
+        self.step = torch.classes.tinyformer.DecoderStack([b._decode_layer for b in blocks]).step
+        self.rows = min(b._decode_rows for b in blocks)
+        self.cross = [b.cross_attn for b in blocks] if blocks[0].cross_attn is not None else []
+        self.linears = [m for b in blocks for m in b.modules() if isinstance(m, Linear)]
+        self.versions = [m._weight_version() for m in self.linears]
+
+    def takes(self, blocks, x: torch.Tensor, record_attention: bool) -> bool:
+        return (blocks is self.blocks and x.shape[1] == 1 and x.shape[0] <= self.rows and x.dtype == torch.float32
+                and not record_attention and not blocks.training and not torch.is_grad_enabled()
+                and self.versions == [m._weight_version() for m in self.linears])
+
+
 class TransformerModel(nn.Module):
     """What GPT and Seq2Seq share: positions, embedding, initialisation, the decoder pass with its KV cache."""
 
     config: ModelConfig
     compute_dtype: torch.dtype | None = None  # the activations' dtype when it differs from the weights' (quant)
+    _decode_stack: DecodeStack | None = None  # set by pack
 
     def _init_positions(self, config: ModelConfig) -> None:
         if config.positional == "learned":
@@ -422,6 +433,13 @@ class TransformerModel(nn.Module):
         """Lay weights out for fast CPU decoding (quant.pack); values, names and shapes are unchanged."""
         return pack(self)
 
+    def pack(self) -> None:
+        """After the blocks are packed (quant.pack packs inner modules first): their decode steps as one call, when
+        every decoder block has one."""
+        blocks = self.decoder_blocks
+        ready = len(blocks) > 0 and all(b._decode_layer is not None for b in blocks)
+        self._decode_stack = DecodeStack(blocks) if ready else None
+
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
@@ -463,8 +481,12 @@ class TransformerModel(nn.Module):
         if self.absolute_positions and cache is None and T > self.config.context_length:
             raise ValueError(f"input of {T} tokens is longer than context_length {self.config.context_length}")
         x, rope = self.embed(embedding, input_ids, position_ids)
-        for block in blocks:
-            x = block(x, rope, mask, cache, record_attention, memory, memory_mask)
+        stack = self._decode_stack
+        if cache is not None and stack is not None and stack.takes(blocks, x, record_attention):
+            x = cache.decode_stack(stack, x, mask[0], memory, memory_mask[0], rope)
+        else:
+            for block in blocks:
+                x = block(x, rope, mask, cache, record_attention, memory, memory_mask)
         if cache is not None:
             cache.advance(T)
         if last_only:

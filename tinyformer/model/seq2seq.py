@@ -32,6 +32,10 @@ class Seq2Seq(TransformerModel):
             self.lm_head.weight = self.tok_emb.weight
 
     @property
+    def decoder_blocks(self) -> nn.ModuleList:
+        return self.decoder
+
+    @property
     def source_embedding(self) -> nn.Embedding:
         return self.tok_emb if self.src_emb is None else self.src_emb
 
