@@ -99,8 +99,16 @@ def test_int8_kernel_uses_ours_for_one_row_and_fbgemm_for_several(library):
     assert ours_error < 0.01 and fbgemm_error < 0.05
 
 
-def panel_product(library, x, w, bias=None, *residual):
-    return library.panel_linear(x, quant.panels(w), bias, *residual)
+def panel_product(library, x, w, bias=None, *residual, width=8):
+    return library.panel_linear(x, quant.panels(w, width), width, bias, *residual)
+
+
+@pytest.fixture(params=[8, 16], ids=["avx2", "avx512"])
+def width(request, library):
+    """Each panel width kernels.cpp has: 8 on every x86-64 CPU with AVX2, 16 where AVX-512 runs."""
+    if request.param not in library.panel_widths():
+        pytest.skip("this CPU has no AVX-512")
+    return request.param
 
 
 def test_int8_groups_hold_4_rows_side_by_side_block_by_block():
@@ -117,6 +125,10 @@ def test_panels_hold_each_output_feature_k_major_in_groups_of_8():
     expected = [3 * n + k for group in range(1) for k in range(3) for n in range(8)]  # panel 0: features 0-7
     expected += [3 * n + k for k in range(3) for n in range(8, 11)]  # the last 3 features, k-major
     assert quant.panels(w).tolist() == expected
+    wide = [3 * n + k for k in range(3) for n in range(11)]  # no whole panel of 16: all 11 features k-major
+    assert quant.panels(w, 16).tolist() == wide
+    w = torch.arange(17 * 2).view(17, 2)
+    assert quant.panels(w, 16).tolist() == [2 * n + k for k in range(2) for n in range(16)] + [32, 33]
 
 
 @needs_kernels
@@ -124,11 +136,11 @@ def test_panels_hold_each_output_feature_k_major_in_groups_of_8():
 @pytest.mark.parametrize("m, n, k, with_bias", [(1, 40, 64, True), (1, 300, 768, False), (3, 33, 70, True),
                                                 (4, 17, 15, False), (6, 5, 9, True), (70, 24, 96, True),
                                                 (130, 27, 32, False)])
-def test_float_product_equals_float64(library, dtype, m, n, k, with_bias):
+def test_float_product_equals_float64(library, width, dtype, m, n, k, with_bias):
     g = torch.Generator().manual_seed(m + n + k)
     x, w = torch.randn(m, k, generator=g) * 3, torch.randn(n, k, generator=g).to(dtype)
     bias = torch.randn(n, generator=g) if with_bias else None
-    y = panel_product(library, x, w, bias)
+    y = panel_product(library, x, w, bias, width=width)
     # 16-bit weights widen exactly, so only float32 rounding remains: ~1e-6 of the magnitude over k <= 768 terms;
     # a misplaced weight, a lost tail feature (n % 8) or bias is >= 1e-2
     expected = x.double() @ w.double().t() + (0 if bias is None else bias.double())
@@ -137,33 +149,37 @@ def test_float_product_equals_float64(library, dtype, m, n, k, with_bias):
 
 @needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_float_rows_equal_their_results_alone_at_any_batch_and_thread_count(library, dtype):
+def test_float_rows_equal_their_results_alone_at_any_batch_and_thread_count(library, width, dtype):
     g = torch.Generator().manual_seed(5)
     x, w, bias = torch.randn(137, 80, generator=g), torch.randn(51, 80, generator=g).to(dtype), torch.randn(51, generator=g)
-    together = panel_product(library, x, w, bias)
-    alone = torch.cat([panel_product(library, x[i:i + 1].contiguous(), w, bias) for i in range(137)])
+    together = panel_product(library, x, w, bias, width=width)
+    alone = torch.cat([panel_product(library, x[i:i + 1].contiguous(), w, bias, width=width) for i in range(137)])
     assert torch.equal(together, alone)
     for rows in (2, 5, 9, 64, 65):
-        assert torch.equal(panel_product(library, x[:rows].contiguous(), w, bias), together[:rows])
+        assert torch.equal(panel_product(library, x[:rows].contiguous(), w, bias, width=width), together[:rows])
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        assert torch.equal(panel_product(library, x, w, bias), together)
+        assert torch.equal(panel_product(library, x, w, bias, width=width), together)
     finally:
         torch.set_num_threads(threads)
+    # each output is the same FMA chain over k whatever the width, so AVX2 and AVX-512 give the same bits
+    assert torch.equal(panel_product(library, x, w, bias, width=8), together)
 
 
 @needs_kernels
 def test_panel_product_refuses_bad_input(library):
     x, w = torch.randn(2, 96), torch.randn(48, 81)
     with pytest.raises(RuntimeError, match="w: panels of 96-feature rows, but its 3888 values are not a multiple"):
-        library.panel_linear(x, quant.panels(w), None)
+        library.panel_linear(x, quant.panels(w), 8, None)
     with pytest.raises(RuntimeError, match=r"w: float32, bfloat16 or float16 panels \(quant.panels\), a contiguous 1-D"):
-        library.panel_linear(x, w, None)
+        library.panel_linear(x, w, 8, None)
     with pytest.raises(RuntimeError, match=r"x: contiguous float32 \[M, K\], K > 0"):
-        library.panel_linear(x.double(), quant.panels(w), None)
+        library.panel_linear(x.double(), quant.panels(w), 8, None)
     with pytest.raises(RuntimeError, match=r"bias: float32 \[N\]"):
-        library.panel_linear(x[:, :81].contiguous(), quant.panels(w), torch.randn(47))
+        library.panel_linear(x[:, :81].contiguous(), quant.panels(w), 8, torch.randn(47))
+    with pytest.raises(RuntimeError, match="width: 12 is not 8"):
+        library.panel_linear(x[:, :81].contiguous(), quant.panels(w), 12, None)
 
 
 @needs_kernels
@@ -176,7 +192,8 @@ def test_float_kernel_runs_the_panels_at_any_number_of_rows(library, dtype):
     for shape in [(1, 1, 96), (2, 3, 96), (4, 40, 96)]:
         x = torch.randn(*shape, generator=g)
         y = kernel(x)
-        assert torch.equal(y.reshape(-1, 64), panel_product(library, x.reshape(-1, 96), weight, bias))
+        assert torch.equal(y.reshape(-1, 64), panel_product(library, x.reshape(-1, 96), weight, bias,
+                                                            width=kernels.panel_width()))
         assert torch.allclose(y, F.linear(x, weight.float(), bias), atol=1e-4, rtol=1e-5)
     assert kernel.weight is None and kernel.panels.dtype == dtype  # the weight is dropped once packed
 
@@ -191,7 +208,7 @@ def test_the_residual_is_added_as_the_output_is_stored(library, weight):
         product = lambda *r: library.int8_linear(x, quant.int8_groups(q), scale, bias, *r)  # noqa: E731
     else:
         w = torch.randn(40, 64, generator=g).to(getattr(torch, weight))
-        product = lambda *r: panel_product(library, x, w, bias, *r)  # noqa: E731
+        product = lambda *r: panel_product(library, x, w, bias, *r, width=kernels.panel_width())  # noqa: E731
     assert torch.equal(product(residual), residual + product())  # one rounding, as adding it afterwards
     assert torch.equal(product(None), product())
     with pytest.raises(RuntimeError, match=r"residual: contiguous float32 of 3 x 40 values, got \[3, 41\]"):
@@ -215,7 +232,7 @@ def test_a_decode_step_adds_the_residual_inside_the_kernels_with_the_same_tokens
     python_steps(model)  # the Python layers' residual handling (the one-call block step has it in C++)
     with pytest.MonkeyPatch.context() as patch:
         for kernel in {m._kernel for m in quant.linears(model) if m._kernel is not None}:
-            patch.setattr(kernel, "own", lambda x, w, b, r=None: calls.append(r is not None) or own(x, w, b, r))
+            patch.setattr(kernel, "own", lambda x, w, n, b, r=None: calls.append(r is not None) or own(x, w, n, b, r))
         fused = decode()
 
     def unfused(self, x, norm, f, *args):  # the residual added by its own op after each sublayer
@@ -544,9 +561,11 @@ def test_a_decoder_layer_refuses_bad_input_in_one_line(library):
     norms = [block.norm1.weight, block.norm1.bias, None, None, block.norm2.weight, block.norm2.bias]
     matrices = [block.attn._qkv.kernel.weight, None, None] + [None] * 18
     with pytest.raises(RuntimeError, match="activation tanh is not one of relu, gelu, gelu_tanh, silu, swiglu"):
-        torch.classes.tinyformer.DecoderLayer(norms, matrices, 4, 4, 32, False, False, "tanh", 1e-5)
+        torch.classes.tinyformer.DecoderLayer(norms, matrices, 4, 4, 32, False, False, "tanh", 1e-5, 8)
     with pytest.raises(RuntimeError, match="DecoderLayer: 4 heads in groups of 3"):
-        torch.classes.tinyformer.DecoderLayer(norms, matrices, 4, 3, 32, False, False, "gelu", 1e-5)
+        torch.classes.tinyformer.DecoderLayer(norms, matrices, 4, 3, 32, False, False, "gelu", 1e-5, 8)
+    with pytest.raises(RuntimeError, match="DecoderLayer: panel width 4 is not one this CPU reads"):
+        torch.classes.tinyformer.DecoderLayer(norms, matrices, 4, 4, 32, False, False, "gelu", 1e-5, 4)
 
 
 @needs_kernels

@@ -104,6 +104,17 @@ def library():
     return _library
 
 
+def panel_width() -> int:
+    """Output features per weight panel for panel_linear on this CPU: 16 (AVX-512 vectors) where torch's own
+    capability check finds AVX-512 (F, BW, VL, DQ; ATEN_CPU_CAPABILITY=avx2 lowers it) and kernels.cpp agrees, else
+    8 (AVX2). TINYFORMER_KERNELS=avx2 keeps 8 on an AVX-512 CPU, to compare the two."""
+    ops = library()
+    if (ops is None or os.environ.get("TINYFORMER_KERNELS") == "avx2"
+            or torch.backends.cpu.get_cpu_capability() != "AVX512"):
+        return 8
+    return max(ops.panel_widths())
+
+
 def argmax(x: torch.Tensor) -> torch.Tensor:
     """x.argmax(-1), the same answer (the first index on ties, the first NaN if any), through kernels.cpp's
     argmax_rows for contiguous float32 CPU tensors: torch's reduction reads GPT-2's 50257 logits at ~2 ns a value

@@ -154,7 +154,7 @@ _FBGEMM = "fbgemm" in torch.backends.quantized.supported_engines and hasattr(tor
 
 class FloatKernel:
     """float32, bfloat16 or float16 weights, float32 arithmetic: kernels.cpp's panel_linear on a copy of the weight
-    repacked in panels of 8 output features (see `panels`), in huge pages, for any number of activation rows, so a
+    repacked in panels of 8 output features, 16 on AVX-512 CPUs (see `panels`), in huge pages, for any number of activation rows, so a
     row's result never depends on the rows beside it. Without kernels.cpp: float32 through oneDNN's pre-packed copy,
     16-bit weights through fbgemm's float16 kernel (its own float16 copy).
 
@@ -168,6 +168,7 @@ class FloatKernel:
         self.bias = None if bias is None else bias.detach().float().contiguous()
         library = kernels.library()
         self.own = library.panel_linear.default if library is not None else None
+        self.width = kernels.panel_width()
         # the panels are made at the first product: a Linear whose product is fused with others' (FusedLinears)
         # never makes them, so no huge-page memory is spent on them
         self.panels, self.weight = None, weight.detach()
@@ -176,7 +177,7 @@ class FloatKernel:
 
     def _panels(self) -> torch.Tensor:
         if self.panels is None:
-            self.panels, self.weight = HUGE_PAGES.copy(panels(self.weight)), None
+            self.panels, self.weight = HUGE_PAGES.copy(panels(self.weight, self.width)), None
         return self.panels
 
     def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
@@ -187,9 +188,9 @@ class FloatKernel:
         if self.own is None:
             return _as_output(self.plain(flat), x, residual)
         if x.dtype == torch.float32:
-            return self.own(flat.contiguous(), self._panels(), self.bias,
+            return self.own(flat.contiguous(), self._panels(), self.width, self.bias,
                             _contiguous(residual)).view(*x.shape[:-1], self.out_features)
-        return _as_output(self.own(flat.contiguous(), self._panels(), self.bias), x, residual)
+        return _as_output(self.own(flat.contiguous(), self._panels(), self.width, self.bias), x, residual)
 
     def own_matrix(self):
         """([weight, scale, bias], the most rows) as kernels.cpp multiplies by this weight, or None."""
@@ -223,12 +224,13 @@ def _contiguous(residual: torch.Tensor | None) -> torch.Tensor | None:
     return residual if residual is None or residual.is_contiguous() else residual.contiguous()
 
 
-def panels(weight: torch.Tensor) -> torch.Tensor:
+def panels(weight: torch.Tensor, width: int = 8) -> torch.Tensor:
     """weight [N, K] in the order kernels.cpp's panel_linear reads it, as a 1-D tensor: the output features in
-    panels of 8, each panel's K x 8 values k-major, then the last N % 8 features k-major as well."""
+    panels of `width` (8 for AVX2, 16 for AVX-512: kernels.panel_width), each panel's K x width values k-major, then
+    the last N % width features k-major as well."""
     n, k = weight.shape
-    whole = n // 8 * 8
-    body = weight[:whole].reshape(n // 8, 8, k).transpose(1, 2)
+    whole = n // width * width
+    body = weight[:whole].reshape(n // width, width, k).transpose(1, 2)
     return torch.cat([body.reshape(-1), weight[whole:].t().reshape(-1)])
 
 
