@@ -30,10 +30,13 @@ import tempfile
 import time
 from pathlib import Path
 
+import signal
+
 import torch
-from isolated import positive_int, report as report_worker, run_worker
+from isolated import WorkerFailed, positive_int, report as report_worker, run_worker
 
 VOCAB = 50257
+NO_EXTRA_BUFFERS = "TINYFORMER_BENCH_LLAMA_NO_EXTRA_BUFFERS"  # set for a llama.cpp worker whose AMX path crashed
 
 
 def copy_bandwidth(megabytes: int = 256, repeats: int = 8) -> float:
@@ -101,11 +104,26 @@ def transformers_engine(hf):
     return run
 
 
-def llama_cpp_engine(path: Path, threads: int):
+def llama_cpp_engine(path: Path, threads: int, extra_buffers: bool = True):
+    """extra_buffers False: llama.cpp without its extra weight layouts (use_extra_bufts), i.e. without its AMX
+    kernels, which crash with SIGILL in llama-cpp-python 0.3.36 on AMX CPUs (the tile configuration is built on the
+    stack and compiled away: ggml-org/llama.cpp PR 26954). On x86 those layouts serve only AMX for q8_0 and nothing
+    for f32/f16, so this is the llama.cpp a build without AMX gives (its AVX-512/VNNI kernels)."""
     import llama_cpp
+    import llama_cpp.llama as api
 
-    llm = llama_cpp.Llama(str(path), n_ctx=256, n_batch=64, n_threads=threads, n_threads_batch=threads,
-                          verbose=False)
+    defaults = api.llama_cpp.llama_model_default_params
+    if not extra_buffers:
+        def without_extra_buffers():
+            params = defaults()
+            params.use_extra_bufts = False
+            return params
+        api.llama_cpp.llama_model_default_params = without_extra_buffers
+    try:
+        llm = llama_cpp.Llama(str(path), n_ctx=256, n_batch=64, n_threads=threads, n_threads_batch=threads,
+                              verbose=False)
+    finally:
+        api.llama_cpp.llama_model_default_params = defaults
 
     def run(prompts, new):
         assert len(prompts) == 1, "llama-cpp-python decodes one sequence"
@@ -168,7 +186,7 @@ def make_engine(name: str, work: Path, threads: int):
         hf.generation_config.pad_token_id = 0
         return transformers_engine(hf), (1, 8)
     if kind == "llama.cpp":
-        return llama_cpp_engine(work / f"gpt2-{precision}.gguf", threads), (1,)
+        return llama_cpp_engine(work / f"gpt2-{precision}.gguf", threads, os.environ.get(NO_EXTRA_BUFFERS) != "1"), (1,)
     vocab = json.loads((work / "hf" / "vocab.json").read_text())
     return ctranslate2_engine(work / "ct2", precision, threads, vocab), (1, 8)
 
@@ -233,6 +251,19 @@ def peers_table(args, log) -> dict:
     # Rounds, not one engine's runs back to back: this VM's speed drifts by up to ~20% over minutes (measured: the
     # same int8 decode at 13.3 and 16.5 ms a step ten minutes apart), so every engine gets samples spread over the
     # whole measurement and a slow spell cannot land on one engine alone.
+    notes = []
+    for name in [n for n in names if n.startswith("llama.cpp")]:  # a short run first: does it run on this CPU?
+        try:
+            run_worker(__file__, [name, "--work", str(work), "--new", "2", "--seed", str(args.seed), "--repeats", "1"])
+        except WorkerFailed as failure:
+            if failure.returncode != -signal.SIGILL:
+                raise
+            os.environ[NO_EXTRA_BUFFERS] = "1"  # inherited by every llama.cpp worker from here on
+            notes.append(f"{name} died of SIGILL in its AMX kernels (a llama.cpp bug on AMX CPUs, ggml-org/llama.cpp "
+                         "PR 26954), so every llama.cpp row runs without its extra weight layouts "
+                         "(use_extra_bufts=False: its AVX-512/VNNI kernels, as a build without AMX gives)")
+            log("  " + notes[-1])
+            break
     for round_ in range(args.rounds):
         for name in names:
             for row in run_worker(__file__, [name, "--work", str(work), "--new", str(new), "--seed", str(args.seed),
@@ -266,7 +297,7 @@ def peers_table(args, log) -> dict:
             ratios.append({"ours": f"tinyformer {precision}", "batch": 8, "peer": fastest_ct2,
                            "ratio": rate(f"tinyformer {precision}", 8) / rate(fastest_ct2, 8), "target": 1.0})
     bandwidth = copy_bandwidth()
-    summary = {"torch": torch.__version__, "threads": threads, "new_tokens": new,
+    summary = {"torch": torch.__version__, "threads": threads, "new_tokens": new, "notes": notes,
                "copy_bandwidth_gb_s": bandwidth / 1e9,
                "matrix_bytes": weights,
                "float32_tokens_equal_llama_cpp_f32": (tokens.get("tinyformer float32") == tokens["llama.cpp f32"]
@@ -300,6 +331,8 @@ def print_table(result) -> None:
           + ", ".join(f"{k} {summary['copy_bandwidth_gb_s'] * 1e9 / v:.0f} tok/s" for k, v in bytes_.items()))
     print(f"float32 greedy tokens equal llama.cpp f32's: {summary['float32_tokens_equal_llama_cpp_f32']}; "
           f"equal transformers': {summary['float32_tokens_equal_transformers']}")
+    for note in summary["notes"]:
+        print(f"note: {note}")
 
 
 def main(argv=None) -> int:

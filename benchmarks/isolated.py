@@ -14,11 +14,18 @@ import subprocess
 import sys
 
 
+class WorkerFailed(RuntimeError):
+    def __init__(self, arguments: list[str], returncode: int, stderr: str):
+        how = f"was killed by signal {-returncode}" if returncode < 0 else f"exited with {returncode}"
+        super().__init__(f"worker {arguments} {how}:\n{stderr[-3000:]}")
+        self.returncode = returncode
+
+
 def run_worker(script: str, arguments: list[str]) -> dict:
     """`python SCRIPT --worker ARGUMENTS...` must print one JSON object on its last stdout line."""
     done = subprocess.run([sys.executable, script, "--worker", *arguments], capture_output=True, text=True)
     if done.returncode != 0:
-        raise RuntimeError(f"worker {arguments} failed:\n{done.stderr[-3000:]}")
+        raise WorkerFailed(arguments, done.returncode, done.stderr)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
