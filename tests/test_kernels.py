@@ -42,17 +42,25 @@ def test_kernels_build_where_a_compiler_and_avx2_exist(library):
     assert library is not None and hasattr(library, "int8_linear") and hasattr(library, "panel_linear")
 
 
+@pytest.fixture(params=[False, True], ids=["avx2", "vnni"])
+def vnni(request, library):
+    """Each int8 kernel kernels.cpp has: AVX2 on every x86-64 CPU it builds on, AVX-512 VNNI where the CPU has it."""
+    if request.param and not library.has_vnni():
+        pytest.skip("this CPU has no AVX-512 VNNI")
+    return request.param
+
+
 @needs_kernels
 @pytest.mark.parametrize("m, n, k, with_bias", [(1, 40, 64, True), (1, 768, 768, False), (3, 33, 70, True),
                                                 (5, 17, 33, False), (70, 24, 96, True), (2, 31, 64, True),
-                                                (1, 30, 48, False), (1, 3, 40, True)])
-def test_int8_product_equals_its_exact_arithmetic(library, m, n, k, with_bias):
+                                                (1, 30, 48, False), (1, 3, 40, True), (8, 45, 100, True)])
+def test_int8_product_equals_its_exact_arithmetic(library, vnni, m, n, k, with_bias):
     q, scale = int8_weight(n, k, seed=m + n + k)
     g = torch.Generator().manual_seed(k)
     x = torch.randn(m, k, generator=g) * 3
     x[0, : min(k, 32)] = 0  # a block of zeros has scale 0
     bias = torch.randn(n, generator=g) if with_bias else None
-    y = library.int8_linear(x, quant.int8_groups(q), scale, bias)
+    y = library.int8_linear(x, quant.int8_groups(q), scale, bias, None, vnni)
     expected = reference(x, q, scale, bias)
     # float32 block sums and accumulation: ~1e-7 of the magnitude; a wrong block, sign or scale is >= 1e-2
     assert (y.double() - expected).abs().max() <= 1e-5 * expected.abs().max()
@@ -61,13 +69,41 @@ def test_int8_product_equals_its_exact_arithmetic(library, m, n, k, with_bias):
 
 
 @needs_kernels
-def test_each_row_equals_its_result_alone(library):
-    q, scale = int8_weight(48, 96, seed=1)
+def test_each_row_equals_its_result_alone(library, vnni):
+    q, scale = int8_weight(51, 96, seed=1)  # 12 groups of 4 rows and 3 more
     x = torch.randn(11, 96, generator=torch.Generator().manual_seed(2))
     groups = quant.int8_groups(q)
-    together = library.int8_linear(x, groups, scale, None)
-    alone = torch.cat([library.int8_linear(x[i:i + 1].contiguous(), groups, scale, None) for i in range(11)])
+    together = library.int8_linear(x, groups, scale, None, None, vnni)
+    alone = torch.cat([library.int8_linear(x[i:i + 1].contiguous(), groups, scale, None, None, vnni)
+                       for i in range(11)])
     assert torch.equal(together, alone)
+
+
+@needs_kernels
+@pytest.mark.parametrize("m, n, k", [(1, 40, 64), (1, 50, 3072), (3, 33, 70), (4, 7, 96), (8, 768, 768),
+                                     (13, 2304, 96), (16, 100, 200)])
+def test_the_vnni_kernel_stores_the_avx2_kernels_bits(library, m, n, k):
+    # the same int32 in each lane (vpdpbusd's 4 products = maddubs + madd's), the same float steps after it: a
+    # slip in the +128 correction, a lane or a weight row would change values by >= 1e-3 of their magnitude
+    if not library.has_vnni():
+        pytest.skip("this CPU has no AVX-512 VNNI")
+    q, scale = int8_weight(n, k, seed=m * n + k)
+    g = torch.Generator().manual_seed(m + k)
+    x, bias, residual = torch.randn(m, k, generator=g), torch.randn(n, generator=g), torch.randn(m, n, generator=g)
+    x[-1, -min(k, 40):] = 0
+    groups = quant.int8_groups(q)
+    for b, r in [(bias, residual), (None, None), (bias, None)]:
+        avx2 = library.int8_linear(x, groups, scale, b, r, False)
+        assert torch.equal(library.int8_linear(x, groups, scale, b, r, True), avx2)
+
+
+@needs_kernels
+def test_the_vnni_kernel_is_refused_where_the_cpu_has_none(library, monkeypatch):
+    if library.has_vnni():
+        pytest.skip("this CPU has AVX-512 VNNI")
+    q, scale = int8_weight(8, 64, seed=0)
+    with pytest.raises(RuntimeError, match="vnni: this CPU has no AVX-512 VNNI"):
+        library.int8_linear(torch.randn(1, 64), quant.int8_groups(q), scale, None, None, True)
 
 
 @needs_kernels
@@ -97,6 +133,22 @@ def test_int8_kernel_uses_ours_for_one_row_and_fbgemm_for_several(library):
     ours_error = ((one - float_product[:1, :1]).norm() / float_product[:1, :1].norm()).item()
     fbgemm_error = ((several - float_product).norm() / float_product.norm()).item()
     assert ours_error < 0.01 and fbgemm_error < 0.05
+
+
+@needs_kernels
+@pytest.mark.skipif(not quant._FBGEMM, reason="needs fbgemm")
+def test_with_vnni_the_int8_kernel_takes_up_to_8_rows(library, monkeypatch):
+    if not kernels.int8_vnni():
+        pytest.skip("this CPU has no AVX-512 VNNI")
+    q, scale = int8_weight(64, 96, seed=3)
+    kernel = quant.Int8Kernel(q, scale, None)
+    x = torch.randn(12, 96, generator=torch.Generator().manual_seed(4))
+    ours = library.int8_linear(x, quant.int8_groups(q), scale, None, None, True)
+    assert torch.equal(kernel(x[:8]), ours[:8]) and torch.equal(kernel(x[:1]), ours[:1])
+    assert torch.allclose(kernel(x), torch.ops.quantized.linear_dynamic(x, kernel.packed, True))  # 9+ rows: fbgemm
+    assert not torch.equal(kernel(x)[:8], ours[:8])
+    monkeypatch.setenv("TINYFORMER_KERNELS", "avx2")  # the AVX2 kernel: one row only
+    assert quant.Int8Kernel(q, scale, None).own_matrix()[1] == 1
 
 
 def panel_product(library, x, w, bias=None, *residual, width=8):
@@ -482,8 +534,10 @@ def test_a_blocks_decode_step_in_one_call_equals_its_python_layers_bit_for_bit(l
     model = quant.pack(quant.set_precision(tiny_model(kind, vocab_size=64, **overrides), **options))
     perturb_vectors(model)
     model.pack_for_inference()
-    # int8 runs its few-row steps through fbgemm, so its batch is one prompt; float weights take up to 8 rows
-    prompts = [[5, 9, 2, 40, 7]] if weights == "int8" else [[5, 9, 2, 40, 7], [3, 8], [60, 1, 2, 3, 4, 5, 6, 7]]
+    # without VNNI int8 runs its few-row steps through fbgemm, so its batch is one prompt; float weights (and int8
+    # with VNNI) take several rows
+    one = weights == "int8" and not kernels.int8_vnni()
+    prompts = [[5, 9, 2, 40, 7]] if one else [[5, 9, 2, 40, 7], [3, 8], [60, 1, 2, 3, 4, 5, 6, 7]]
     calls, (ours, our_logprobs), (theirs, their_logprobs) = both_ways(
         model, lambda: stream(model, prompts, max_new_tokens=12))
     assert calls == [0, 1] * 11  # every cached step of both blocks in one call each
@@ -561,11 +615,11 @@ def test_a_decoder_layer_refuses_bad_input_in_one_line(library):
     norms = [block.norm1.weight, block.norm1.bias, None, None, block.norm2.weight, block.norm2.bias]
     matrices = [block.attn._qkv.kernel.weight, None, None] + [None] * 18
     with pytest.raises(RuntimeError, match="activation tanh is not one of relu, gelu, gelu_tanh, silu, swiglu"):
-        torch.classes.tinyformer.DecoderLayer(norms, matrices, 4, 4, 32, False, False, "tanh", 1e-5, 8)
+        torch.classes.tinyformer.DecoderLayer(norms, matrices, 4, 4, 32, False, False, "tanh", 1e-5, 8, False)
     with pytest.raises(RuntimeError, match="DecoderLayer: 4 heads in groups of 3"):
-        torch.classes.tinyformer.DecoderLayer(norms, matrices, 4, 3, 32, False, False, "gelu", 1e-5, 8)
+        torch.classes.tinyformer.DecoderLayer(norms, matrices, 4, 3, 32, False, False, "gelu", 1e-5, 8, False)
     with pytest.raises(RuntimeError, match="DecoderLayer: panel width 4 is not one this CPU reads"):
-        torch.classes.tinyformer.DecoderLayer(norms, matrices, 4, 4, 32, False, False, "gelu", 1e-5, 4)
+        torch.classes.tinyformer.DecoderLayer(norms, matrices, 4, 4, 32, False, False, "gelu", 1e-5, 4, False)
 
 
 @needs_kernels

@@ -132,61 +132,227 @@ const float* residual_data(const c10::optional<at::Tensor>& residual, int64_t M,
   return residual->data_ptr<float>();
 }
 
+// An int8 product's output: a weight row's unscaled sum times its scale, + bias (one rounding: an explicit fma, as
+// a * b + c may or may not be contracted into one depending on the code around it), + residual. Every kernel stores
+// through it, so the AVX2 and VNNI kernels give the same bits.
+inline float int8_output(float sum, float w_scale, const float* bias, const float* residual, int64_t n, int64_t at) {
+  const float value = std::fma(sum, w_scale, bias ? bias[n] : 0.0f);
+  return residual ? value + residual[at] : value;
+}
+
+// Rows of quantized activations (quantize_row's q, |q| and block scales, and for VNNI each block's correction)
+// times one group of `rows` <= 4 weight rows starting at output feature n0, on AVX2.
+void int8_group_rows(const int8_t* group, int64_t rows, int64_t n0, int64_t M, const int8_t* Q, const uint8_t* A,
+                     const float* S, int64_t Kp, int64_t blocks, const float* WS, const float* bias, const float* R,
+                     float* Y, int64_t N) {
+  float out[kGroup];
+  for (int64_t m = 0; m < M; m++) {
+    const int8_t* q = Q + m * Kp;
+    const uint8_t* a = A + m * Kp;
+    const float* s = S + m * blocks;
+    switch (rows) {
+      case 4: int8_group<4>(group, q, a, s, blocks, out); break;
+      case 3: int8_group<3>(group, q, a, s, blocks, out); break;
+      case 2: int8_group<2>(group, q, a, s, blocks, out); break;
+      default: int8_group<1>(group, q, a, s, blocks, out);
+    }
+    for (int64_t r = 0; r < rows; r++)
+      Y[m * N + n0 + r] = int8_output(out[r], WS[n0 + r], bias, R, n0 + r, m * N + n0 + r);
+  }
+}
+
+bool has_vnni();
+namespace vnni {
+void corrections(const int8_t* q, int64_t blocks, int32_t* out);
+void int8_product(int64_t M, int64_t N, int64_t Kp, const int8_t* Q, const int32_t* C, const uint8_t* A,
+                  const float* S, const int8_t* W, const float* WS, const float* bias, const float* R, float* Y);
+}  // namespace vnni
+
 at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& w_scale,
-                       const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& residual) {
+                       const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& residual, bool vnni) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x: contiguous float32 [M, K]");
   TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kChar && w.is_contiguous() && w.size(1) % kBlock == 0,
               "w: contiguous int8 [N, K padded to a multiple of 32] in groups of 4 rows (quant.int8_groups)");
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0), Kp = w.size(1), blocks = Kp / kBlock;
   TORCH_CHECK(K <= Kp && Kp - K < kBlock, "x has ", K, " features, w ", Kp);
   TORCH_CHECK(w_scale.scalar_type() == at::kFloat && w_scale.numel() == N && w_scale.is_contiguous(), "w_scale");
+  TORCH_CHECK(!vnni || has_vnni(), "vnni: this CPU has no AVX-512 VNNI");
   const float* b_ptr = nullptr;
   if (bias.has_value()) {
     TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->numel() == N && bias->is_contiguous(), "bias");
     b_ptr = bias->data_ptr<float>();
   }
   // The quantized activations live in a per-thread buffer reused from call to call: three tensors a call were
-  // three allocations, 144 of a GPT-2 decode step's ~310.
+  // three allocations, 144 of a GPT-2 decode step's ~310. VNNI adds 8 int32 corrections a block.
   thread_local std::vector<float> workspace;
-  workspace.resize(static_cast<size_t>(M * blocks + (2 * M * Kp + sizeof(float) - 1) / sizeof(float)));
+  const int64_t corrections = vnni ? M * blocks * 8 : 0;
+  workspace.resize(static_cast<size_t>(M * blocks + corrections + (2 * M * Kp + sizeof(float) - 1) / sizeof(float)));
   float* S = workspace.data();
-  int8_t* Q = reinterpret_cast<int8_t*>(S + M * blocks);
+  int32_t* C = reinterpret_cast<int32_t*>(S + M * blocks);
+  int8_t* Q = reinterpret_cast<int8_t*>(C + corrections);
   uint8_t* A = reinterpret_cast<uint8_t*>(Q + M * Kp);
   auto y = at::empty({M, N}, x.options());
   const float* X = x.data_ptr<float>();
   at::parallel_for(0, M, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t m = begin; m < end; m++) quantize_row(X + m * K, K, Q + m * Kp, A + m * Kp, S + m * blocks);
+    for (int64_t m = begin; m < end; m++) {
+      quantize_row(X + m * K, K, Q + m * Kp, A + m * Kp, S + m * blocks);
+      if (vnni) vnni::corrections(Q + m * Kp, blocks, C + m * blocks * 8);
+    }
   });
   const int8_t* W = w.data_ptr<int8_t>();
   const float* WS = w_scale.data_ptr<float>();
   const float* R = residual_data(residual, M, N);
   float* Y = y.data_ptr<float>();
+  if (vnni) {
+    vnni::int8_product(M, N, Kp, Q, C, A, S, W, WS, b_ptr, R, Y);
+    return y;
+  }
   // Each thread streams a contiguous range of groups; every activation row is multiplied by a group while it sits
   // in L1. A row's result depends on nothing but that row.
   at::parallel_for(0, (N + kGroup - 1) / kGroup, 16, [&](int64_t begin, int64_t end) {
-    float out[kGroup];
     for (int64_t g = begin; g < end; g++) {
-      const int64_t n0 = g * kGroup, rows = std::min(kGroup, N - n0);
-      const int8_t* group = W + n0 * Kp;
-      for (int64_t m = 0; m < M; m++) {
-        const int8_t* q = Q + m * Kp;
-        const uint8_t* a = A + m * Kp;
-        const float* s = S + m * blocks;
-        switch (rows) {
-          case 4: int8_group<4>(group, q, a, s, blocks, out); break;
-          case 3: int8_group<3>(group, q, a, s, blocks, out); break;
-          case 2: int8_group<2>(group, q, a, s, blocks, out); break;
-          default: int8_group<1>(group, q, a, s, blocks, out);
-        }
-        for (int64_t r = 0; r < rows; r++) {
-          const int64_t n = n0 + r;
-          const float value = out[r] * WS[n] + (b_ptr ? b_ptr[n] : 0.0f);
-          Y[m * N + n] = R ? value + R[m * N + n] : value;
-        }
-      }
+      const int64_t n0 = g * kGroup;
+      int8_group_rows(W + n0 * Kp, std::min(kGroup, N - n0), n0, M, Q, A, S, Kp, blocks, WS, b_ptr, R, Y, N);
     }
   });
   return y;
+}
+
+// ------------------------------------------------------------------------------------------ int8, AVX-512 VNNI
+
+// The same int8 product on CPUs with AVX-512 VNNI (Cascade Lake and later Xeons, Zen 4 and later), whose vpdpbusd
+// adds the products of 4 adjacent bytes into each int32 lane in one instruction (AVX2 takes sign, maddubs and madd).
+// vpdpbusd multiplies unsigned bytes by signed ones, so the weight goes in as w + 128 (w ^ 0x80, unsigned) and each
+// lane starts from -128 x (its 4 activation values' sum), computed once per activation row and block
+// (`corrections`): the lane then holds exactly the AVX2 kernel's int32 (the same 4 products in the same lane), is
+// converted and scaled the same way, and every output gets the same bits (tested). A 512-bit vector holds one block
+// of two weight rows, so a group of 4 is 2 vectors a block; a tile of up to 4 activation rows x 2 groups (1 row x 4
+// groups) shares each weight load among the rows while the group sits in L1. GPT-2-124M's 49 int8 matrices on a
+// 2-core AVX-512 VM (Xeon, model 207), back to back, best of 7, ms at 1 / 2 / 4 / 8 / 16 / 32 rows: this kernel
+// 2.15 / 2.22 / 3.18 / 5.84 / 11.5 / 21.3, the AVX2 kernel 2.81 / 4.02 / 7.62 / 13.9 / 26.1 / 47.5, fbgemm 4.22 /
+// 4.70 / 6.23 / 8.15 / 9.94 / 13.5. At 8 rows it runs at ~190 GMAC/s, about what port 0 allows (vpdpbusd and the
+// int32 -> float32 conversion both issue there): the scale of each block of 32 costs a conversion and an FMA per
+// 64 products, the price of q8_0's accuracy (fbgemm and oneDNN scale whole rows, one conversion per output).
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")
+
+namespace vnni {
+
+// Each weight stream is prefetched this many blocks ahead (4 KB): the hardware prefetcher alone left a batch-8
+// GPT-2 decode 1.07-1.12x slower than 16 blocks, 16 1.025-1.05x slower than 32 (alternating pairs, batch 8 and 1).
+constexpr int64_t kAhead = 32;
+
+void corrections(const int8_t* q, int64_t blocks, int32_t* out) {
+  const __m256i bias = _mm256_set1_epi8(static_cast<char>(0x80));
+  for (int64_t b = 0; b < blocks; b++) {
+    const __m256i qb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + b * kBlock));
+    const __m256i sum = _mm256_dpbusd_epi32(_mm256_setzero_si256(), bias, qb);  // 128 x the sum of each 4
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + b * 8), _mm256_sub_epi32(_mm256_setzero_si256(), sum));
+  }
+}
+
+// R activation rows (q row stride Kp, corrections and scales per block) times J / 2 whole groups of 4 weight rows
+// (J vectors a block) -> out[r][2J] unscaled sums, weight row by weight row.
+template <int R, int J>
+void tile(const int8_t* __restrict w, int64_t blocks, int64_t Kp, const int8_t* __restrict q,
+          const int32_t* __restrict c, const float* __restrict s, float* __restrict out) {
+  static_assert(R >= 1 && J >= 2 && J % 2 == 0 && R * J <= 24, "a tile is up to 24 accumulators");
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+  const int64_t group = kGroup * Kp;  // bytes from one group to the next
+  __m512 acc[R][J];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; r++)
+#pragma GCC unroll 8
+    for (int j = 0; j < J; j++) acc[r][j] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < blocks; b++) {
+    __m512i wv[J];
+#pragma GCC unroll 8
+    for (int j = 0; j < J; j++) {
+      const int8_t* at = w + (j / 2) * group + b * kGroup * kBlock + (j % 2) * 2 * kBlock;
+      _mm_prefetch(reinterpret_cast<const char*>(at + kAhead * kGroup * kBlock), _MM_HINT_T0);
+      wv[j] = _mm512_xor_si512(flip, _mm512_loadu_si512(at));
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < R; r++) {
+      const __m512i qb = _mm512_broadcast_i32x8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + r * Kp + b * kBlock)));
+      const __m512i cb = _mm512_broadcast_i32x8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + (r * blocks + b) * 8)));
+      const __m512 sb = _mm512_set1_ps(s[r * blocks + b]);
+#pragma GCC unroll 8
+      for (int j = 0; j < J; j++)
+        acc[r][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(cb, wv[j], qb)), sb, acc[r][j]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; r++)
+#pragma GCC unroll 8
+    for (int j = 0; j < J; j++) {
+      out[r * 2 * J + 2 * j] = horizontal_sum(_mm512_castps512_ps256(acc[r][j]));
+      out[r * 2 * J + 2 * j + 1] = horizontal_sum(_mm512_extractf32x8_ps(acc[r][j], 1));
+    }
+}
+
+// Rows [0, M) times `groups` whole groups starting at output feature n0, in tiles of up to 4 rows.
+template <int J>
+void tile_rows(int64_t M, int64_t n0, const int8_t* w, int64_t blocks, int64_t Kp, const int8_t* Q, const int32_t* C,
+               const float* S, const float* WS, const float* bias, const float* R, float* Y, int64_t N) {
+  constexpr int64_t kRows = J <= 4 ? 4 : 1;
+  float out[4 * 2 * J];
+  for (int64_t m = 0; m < M; m += kRows) {
+    const int64_t rows = std::min(kRows, M - m);
+    const int8_t* q = Q + m * Kp;
+    const int32_t* c = C + m * blocks * 8;
+    const float* s = S + m * blocks;
+    if constexpr (J <= 4) {
+      switch (rows) {
+        case 4: tile<4, J>(w, blocks, Kp, q, c, s, out); break;
+        case 3: tile<3, J>(w, blocks, Kp, q, c, s, out); break;
+        case 2: tile<2, J>(w, blocks, Kp, q, c, s, out); break;
+        default: tile<1, J>(w, blocks, Kp, q, c, s, out);
+      }
+    } else {
+      tile<1, J>(w, blocks, Kp, q, c, s, out);
+    }
+    for (int64_t r = 0; r < rows; r++)
+      for (int64_t i = 0; i < 2 * J; i++) {
+        const int64_t n = n0 + i, at = (m + r) * N + n;
+        Y[at] = int8_output(out[r * 2 * J + i], WS[n], bias, R, n, at);
+      }
+  }
+}
+
+void int8_product(int64_t M, int64_t N, int64_t Kp, const int8_t* Q, const int32_t* C, const uint8_t* A,
+                  const float* S, const int8_t* W, const float* WS, const float* bias, const float* R, float* Y) {
+  const int64_t blocks = Kp / kBlock, whole = N / kGroup;
+  const int64_t per_unit = M == 1 ? 4 : 2;  // groups a unit of work (a tile's width)
+  const int64_t units = (whole + per_unit - 1) / per_unit + (N % kGroup ? 1 : 0);
+  // Each thread streams a contiguous range of units while the rows it multiplies stay in L1.
+  at::parallel_for(0, units, 4, [&](int64_t begin, int64_t end) {
+    for (int64_t u = begin; u < end; u++) {
+      const int64_t g = std::min(u * per_unit, whole), n0 = g * kGroup;
+      if (g == whole) {  // the last N % 4 rows, a group of its own: as the AVX2 kernel does them
+        int8_group_rows(W + n0 * Kp, N - n0, n0, M, Q, A, S, Kp, blocks, WS, bias, R, Y, N);
+        continue;
+      }
+      const int8_t* w = W + n0 * Kp;
+      switch (std::min(per_unit, whole - g)) {
+        case 4: tile_rows<8>(M, n0, w, blocks, Kp, Q, C, S, WS, bias, R, Y, N); break;
+        case 3: tile_rows<6>(M, n0, w, blocks, Kp, Q, C, S, WS, bias, R, Y, N); break;
+        case 2: tile_rows<4>(M, n0, w, blocks, Kp, Q, C, S, WS, bias, R, Y, N); break;
+        default: tile_rows<2>(M, n0, w, blocks, Kp, Q, C, S, WS, bias, R, Y, N);
+      }
+    }
+  });
+}
+
+}  // namespace vnni
+
+#pragma GCC pop_options
+
+bool has_vnni() {
+  static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+                          __builtin_cpu_supports("avx512vnni");
+  return yes;
 }
 
 // ------------------------------------------------------------------------------------------------ weight panels
@@ -391,6 +557,10 @@ void panel_product(const float* X, const Weight* W, const float* bias, int64_t M
 namespace wide {
 
 constexpr int64_t kWidth = 16;
+// Each panel's stream is prefetched this many bytes ahead. Without it (the hardware prefetcher alone) GPT-2 decodes
+// ran 1.25x slower in bfloat16 and 1.02x in float32 at batch 1, 1.16x and 1.20x at batch 8 (alternating pairs,
+// 6-8 of 8); 1024, 2048 and 4096 bytes measured alike.
+constexpr int64_t kPanelAhead = 1024;
 
 inline __m512 load16(const float* w) { return _mm512_loadu_ps(w); }
 inline __m512 load16(const at::Half* w) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w))); }
@@ -422,7 +592,11 @@ void tile(const float* __restrict x, int64_t K, const Weight* __restrict w, int6
   for (int64_t k = 0; k < K; k++) {
     __m512 b[P];
 #pragma GCC unroll 8
-    for (int p = 0; p < P; p++) b[p] = Masked ? load16(w + k * k_stride, mask) : load16(w + p * panel_stride + k * k_stride);
+    for (int p = 0; p < P; p++) {
+      if (!Masked)
+        _mm_prefetch(reinterpret_cast<const char*>(w + p * panel_stride + k * k_stride) + kPanelAhead, _MM_HINT_T0);
+      b[p] = Masked ? load16(w + k * k_stride, mask) : load16(w + p * panel_stride + k * k_stride);
+    }
 #pragma GCC unroll 8
     for (int r = 0; r < R; r++) {
       const __m512 a = _mm512_set1_ps(x[r * K + k]);
@@ -848,8 +1022,9 @@ struct Matrix {
   at::Tensor weight;
   c10::optional<at::Tensor> scale, bias;
   int64_t width;
+  bool vnni;
   at::Tensor operator()(const at::Tensor& x, const c10::optional<at::Tensor>& residual = c10::nullopt) const {
-    return scale.has_value() ? int8_linear(x, weight, *scale, bias, residual)
+    return scale.has_value() ? int8_linear(x, weight, *scale, bias, residual, vnni)
                              : panel_linear(x, weight, width, bias, residual);
   }
 };
@@ -872,19 +1047,20 @@ struct DecoderLayer : torch::CustomClassHolder {
 
   DecoderLayer(c10::List<c10::optional<at::Tensor>> norm_tensors, c10::List<c10::optional<at::Tensor>> matrix_tensors,
                int64_t heads, int64_t kv_heads, int64_t head_dim, bool post_norm, bool rms_norm, std::string activation,
-               double eps, int64_t panel_width)
+               double eps, int64_t panel_width, bool vnni)
       : heads(heads), kv_heads(kv_heads), head_dim(head_dim), post_norm(post_norm), rms_norm(rms_norm),
         activation(std::move(activation)), eps(eps) {
     TORCH_CHECK(kv_heads > 0 && heads % kv_heads == 0, "DecoderLayer: ", heads, " heads in groups of ", kv_heads);
     TORCH_CHECK(panel_width == kPanelWidth || (panel_width == wide::kWidth && has_avx512()), "DecoderLayer: panel width ",
                 panel_width, " is not one this CPU reads");
+    TORCH_CHECK(!vnni || has_vnni(), "DecoderLayer: this CPU has no AVX-512 VNNI");
     TORCH_CHECK(norm_tensors.size() == 6 && matrix_tensors.size() == 21,
                 "DecoderLayer: 3 norms (weight, bias) and 7 matrices (weight, scale, bias)");
     for (const auto& t : norm_tensors) norms.push_back(t);
     for (size_t i = 0; i < 21; i += 3) {
       const c10::optional<at::Tensor> weight = matrix_tensors.get(i);
       matrices.push_back({weight.has_value() ? *weight : at::Tensor(), matrix_tensors.get(i + 1), matrix_tensors.get(i + 2),
-                          panel_width});
+                          panel_width, vnni});
     }
     cross = matrices[kCrossQ].weight.defined();
     const std::vector<std::string> known{"relu", "gelu", "gelu_tanh", "silu", "swiglu"};
@@ -1004,14 +1180,16 @@ struct DecoderStack : torch::CustomClassHolder {
 TORCH_LIBRARY(tinyformer, m) {
   m.class_<DecoderLayer>("DecoderLayer")
       .def(torch::init<c10::List<c10::optional<at::Tensor>>, c10::List<c10::optional<at::Tensor>>, int64_t, int64_t,
-                       int64_t, bool, bool, std::string, double, int64_t>())
+                       int64_t, bool, bool, std::string, double, int64_t, bool>())
       // a method, not an op taking the layer: an op's call from Python looks up __torch_function__ on each argument,
       // and on a custom-class object that lookup fails by throwing a C++ exception (~30 us a call here)
       .def("step", &DecoderLayer::step);
   m.class_<DecoderStack>("DecoderStack")
       .def(torch::init<c10::List<c10::intrusive_ptr<DecoderLayer>>>())
       .def("step", &DecoderStack::step);
-  m.def("int8_linear(Tensor x, Tensor w, Tensor w_scale, Tensor? bias, Tensor? residual=None) -> Tensor", &int8_linear);
+  m.def("int8_linear(Tensor x, Tensor w, Tensor w_scale, Tensor? bias, Tensor? residual=None, bool vnni=False) -> Tensor",
+        &int8_linear);
+  m.def("has_vnni() -> bool", [] { return has_vnni(); });
   m.def("panel_linear(Tensor x, Tensor w, int width, Tensor? bias, Tensor? residual=None) -> Tensor", &panel_linear);
   m.def("panel_widths() -> int[]", [] { return has_avx512() ? std::vector<int64_t>{8, 16} : std::vector<int64_t>{8}; });
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor? mask) -> Tensor", &decode_attention);

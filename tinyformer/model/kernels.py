@@ -115,6 +115,15 @@ def panel_width() -> int:
     return max(ops.panel_widths())
 
 
+def int8_vnni() -> bool:
+    """Whether int8_linear runs its AVX-512 VNNI kernel on this CPU (the same bits as its AVX2 one, faster from one
+    row and fast enough at a few rows to replace fbgemm there: quant.Int8Kernel), under the same conditions as
+    panel_width's 16."""
+    ops = library()
+    return (ops is not None and os.environ.get("TINYFORMER_KERNELS") != "avx2"
+            and torch.backends.cpu.get_cpu_capability() == "AVX512" and bool(ops.has_vnni()))
+
+
 def argmax(x: torch.Tensor) -> torch.Tensor:
     """x.argmax(-1), the same answer (the first index on ties, the first NaN if any), through kernels.cpp's
     argmax_rows for contiguous float32 CPU tensors: torch's reduction reads GPT-2's 50257 logits at ~2 ns a value
