@@ -187,7 +187,8 @@ def test_panels_hold_each_output_feature_k_major_in_groups_of_8():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("m, n, k, with_bias", [(1, 40, 64, True), (1, 300, 768, False), (3, 33, 70, True),
                                                 (4, 17, 15, False), (6, 5, 9, True), (70, 24, 96, True),
-                                                (130, 27, 32, False)])
+                                                (130, 27, 32, False), (2, 179, 64, True), (4, 160, 32, False),
+                                                (5, 83, 40, True)])
 def test_float_product_equals_float64(library, width, dtype, m, n, k, with_bias):
     g = torch.Generator().manual_seed(m + n + k)
     x, w = torch.randn(m, k, generator=g) * 3, torch.randn(n, k, generator=g).to(dtype)
