@@ -569,6 +569,40 @@ def test_a_seq2seq_decoder_blocks_step_in_one_call_equals_its_python_layers_gree
 
 
 @needs_kernels
+def test_from_16_rows_a_thread_each_thread_steps_its_own_sources_with_the_same_bits(library):
+    # 36 sources greedy and 9 x 4 beams: the rows split across 2 threads at a source's boundary, each thread stepping
+    # its part of the batch, the caches, the masks, the cross-attention keys and beam search's row table
+    from tinyformer.model.quant import set_precision
+
+    from .helpers import seq2seq_lm
+
+    lm = seq2seq_lm(seed=3)
+    set_precision(lm.model, dtype="bfloat16")  # 16 rows x 2 FLOPs a 2-byte weight: split wherever its cache is
+    perturb_vectors(lm.model, "decoder")
+    lm.model.pack_for_inference()
+    words = ["je", "suis", "content", "il", "est", "grand", "nous", "sommes", "là", "农夫山泉", "!", "."]
+    sources = [" ".join(words[(i * 7 + j) % len(words)] for j in range(1 + i % 5)) for i in range(36)]
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert lm.model._decode_stack.kernel.splits(36) and not lm.model._decode_stack.kernel.splits(31)
+
+        def decode():
+            greedy = lm.generate(sources, max_new_tokens=10, temperature=0, logprobs=0, details=True)
+            beams = lm.generate(sources[:9], max_new_tokens=8, num_beams=4, num_return_sequences=2, details=True)
+            return ([g.token_ids for g in greedy], [g.logprobs for g in greedy],
+                    [[b.token_ids] + [a.token_ids for a in b.alternatives] for b in beams], [b.score for b in beams])
+
+        calls, ours, theirs = both_ways(lm.model, decode)
+    finally:
+        torch.set_num_threads(threads)
+    assert len(calls) > 2 * 16 and set(calls) == {0, 1}
+    assert ours == theirs  # tokens, log-probabilities and the beams' scores exactly
+    assert len(set(map(tuple, ours[0]))) > 10
+    assert lm.generate(sources[5], max_new_tokens=10, temperature=0, details=True).token_ids == ours[0][5]  # alone
+
+
+@needs_kernels
 def test_a_rolling_window_steps_in_one_call_as_through_its_python_layers(library):
     model = tiny_model("llama-tiny", vocab_size=64, context_length=16).pack_for_inference()
     perturb_vectors(model)

@@ -372,7 +372,8 @@ class DecodeStack:
 
     def __init__(self, blocks):
         self.blocks = blocks
-        self.step = torch.classes.tinyformer.DecoderStack([b._decode_layer for b in blocks]).step
+        self.kernel = torch.classes.tinyformer.DecoderStack([b._decode_layer for b in blocks])
+        self.step = self.kernel.step
         self.rows = min(b._decode_rows for b in blocks)
         self.cross = [b.cross_attn for b in blocks] if blocks[0].cross_attn is not None else []
         self.linears = [m for b in blocks for m in b.modules() if isinstance(m, Linear)]
