@@ -2,11 +2,13 @@
 // (kernels.py builds this file on first use and says why it exists), x and y float32:
 // - int8_linear: y[M, N] = x[M, K] @ (w[N, K] * w_scale[N])^T (+ bias) (+ residual), w int8 in groups of 4 rows.
 // - panel_linear: y[M, N] = x[M, K] @ w[N, K]^T (+ bias) (+ residual), w float32, bfloat16 or float16 repacked in
-//   panels of 8 output features, for any number of rows. The residual stream, when given, is added as the output
-//   is stored: one small op less a sublayer.
+//   panels of 8 output features (16 on AVX-512), for any number of rows. The residual stream, when given, is added
+//   as the output is stored: one small op less a sublayer.
 // - decode_attention: a decode step's attention, each row's one query over its cached keys (cached_decode_attention
 //   also writes the step's keys and values into the KV cache first).
 // - DecoderLayer, DecoderStack: a decoder block's decode step, and all of a decoder's, in one call.
+// Where the CPU has them, AVX-512 (panels of 16) and AVX-512 VNNI (int8) versions run instead, chosen at run time
+// (kernels.panel_width, kernels.int8_vnni), each giving the same bits as the AVX2 one.
 //
 // int8: each activation row is quantized per block of 32 values to int8 with its own scale (llama.cpp's q8_0 does
 // the same), and each block's dot product is exact in int32: maddubs(|q|, sign(w, q)) multiplies |q| (unsigned) by

@@ -20,6 +20,11 @@ reads them at ~30 and from a few rows on runs near the FMA units' peak, 1.2-1.5x
 1.16x, a batch-32 beam-4 translation 1.10x). The matrix kernels add the residual stream as they store their
 output.
 
+On CPUs with AVX-512 the float kernel reads panels of 16 output features (16 lanes an FMA, 32 registers), and with
+AVX-512 VNNI the int8 kernel sums 4 products a lane in one instruction and takes up to 8 rows (a batch of 8 then
+takes the one-call block step); both give the same bits as the AVX2 versions and prefetch their weight streams in
+software. On a 2-core AVX-512 VM, GPT-2-124M at batch 8: int8 ~690 -> ~850 tok/s, bfloat16 1.16x, float32 1.20x.
+
 The build needs a C++ compiler (g++ or clang) and ninja (a dependency), and an x86-64 CPU with AVX2 and FMA (every
 such CPU also has F16C, which the float16 loads use); it
 takes ~20 s and is cached under ~/.cache/tinyformer (XDG_CACHE_HOME). Without them, or with TINYFORMER_KERNELS=0,

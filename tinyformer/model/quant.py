@@ -154,8 +154,8 @@ _FBGEMM = "fbgemm" in torch.backends.quantized.supported_engines and hasattr(tor
 
 class FloatKernel:
     """float32, bfloat16 or float16 weights, float32 arithmetic: kernels.cpp's panel_linear on a copy of the weight
-    repacked in panels of 8 output features, 16 on AVX-512 CPUs (see `panels`), in huge pages, for any number of activation rows, so a
-    row's result never depends on the rows beside it. Without kernels.cpp: float32 through oneDNN's pre-packed copy,
+    repacked in panels of 8 output features, 16 on AVX-512 CPUs (see `panels`), in huge pages, for any number of
+    activation rows, so a row's result never depends on the rows beside it. Without kernels.cpp: float32 through oneDNN's pre-packed copy,
     16-bit weights through fbgemm's float16 kernel (its own float16 copy).
 
     Why our own: matrix-vector products by MKL, oneDNN or fbgemm read the weight at 12-22 GB/s here with two threads,
