@@ -117,18 +117,18 @@ def test_bad_input_is_refused_with_the_shape_it_needs(library):
 
 @needs_kernels
 @pytest.mark.skipif(not quant._FBGEMM, reason="needs fbgemm")
-def test_int8_kernel_uses_ours_for_one_row_and_fbgemm_for_several(library):
+def test_int8_kernel_uses_ours_for_one_row_and_fbgemm_for_many(library):
     q, scale = int8_weight(64, 96, seed=3)
     bias = torch.randn(64)
     kernel = quant.Int8Kernel(q, scale, bias)
-    x = torch.randn(2, 5, 96, generator=torch.Generator().manual_seed(4))
+    x = torch.randn(2, 9, 96, generator=torch.Generator().manual_seed(4))  # 18 rows: more than ours take
     one = kernel(x[:1, :1])
     alone = library.int8_linear(x[0, :1].contiguous(), quant.int8_groups(q), scale, bias)
     assert torch.equal(one.view(1, 64), alone)
     several = kernel(x)
-    assert several.shape == (2, 5, 64)
-    fbgemm = torch.ops.quantized.linear_dynamic(x.view(10, 96), kernel.packed, True)
-    assert torch.allclose(several, fbgemm.view(2, 5, 64))
+    assert several.shape == (2, 9, 64)
+    fbgemm = torch.ops.quantized.linear_dynamic(x.view(18, 96), kernel.packed, True)
+    assert torch.allclose(several, fbgemm.view(2, 9, 64))
     float_product = x @ (q.float() * scale[:, None]).t() + bias
     ours_error = ((one - float_product[:1, :1]).norm() / float_product[:1, :1].norm()).item()
     fbgemm_error = ((several - float_product).norm() / float_product.norm()).item()
@@ -137,16 +137,16 @@ def test_int8_kernel_uses_ours_for_one_row_and_fbgemm_for_several(library):
 
 @needs_kernels
 @pytest.mark.skipif(not quant._FBGEMM, reason="needs fbgemm")
-def test_with_vnni_the_int8_kernel_takes_up_to_8_rows(library, monkeypatch):
+def test_with_vnni_the_int8_kernel_takes_up_to_16_rows(library, monkeypatch):
     if not kernels.int8_vnni():
         pytest.skip("this CPU has no AVX-512 VNNI")
     q, scale = int8_weight(64, 96, seed=3)
     kernel = quant.Int8Kernel(q, scale, None)
-    x = torch.randn(12, 96, generator=torch.Generator().manual_seed(4))
+    x = torch.randn(20, 96, generator=torch.Generator().manual_seed(4))
     ours = library.int8_linear(x, quant.int8_groups(q), scale, None, None, True)
-    assert torch.equal(kernel(x[:8]), ours[:8]) and torch.equal(kernel(x[:1]), ours[:1])
-    assert torch.allclose(kernel(x), torch.ops.quantized.linear_dynamic(x, kernel.packed, True))  # 9+ rows: fbgemm
-    assert not torch.equal(kernel(x)[:8], ours[:8])
+    assert torch.equal(kernel(x[:16]), ours[:16]) and torch.equal(kernel(x[:1]), ours[:1])
+    assert torch.allclose(kernel(x), torch.ops.quantized.linear_dynamic(x, kernel.packed, True))  # 17+ rows: fbgemm
+    assert not torch.equal(kernel(x)[:16], ours[:16])
     monkeypatch.setenv("TINYFORMER_KERNELS", "avx2")  # the AVX2 kernel: one row only
     assert quant.Int8Kernel(q, scale, None).own_matrix()[1] == 1
 
