@@ -298,7 +298,7 @@ void tile(const int8_t* __restrict w, int64_t blocks, int64_t Kp, const int8_t* 
     }
 }
 
-// Rows [0, M) times `groups` whole groups starting at output feature n0, in tiles of up to 4 rows.
+// Rows [0, M) times J / 2 whole groups starting at output feature n0, in tiles of up to 4 rows (1 when J > 4).
 template <int J>
 void tile_rows(int64_t M, int64_t n0, const int8_t* w, int64_t blocks, int64_t Kp, const int8_t* Q, const int32_t* C,
                const float* S, const float* WS, const float* bias, const float* R, float* Y, int64_t N) {
@@ -355,12 +355,6 @@ void int8_product(int64_t M, int64_t N, int64_t Kp, const int8_t* Q, const int32
 
 #pragma GCC pop_options
 
-bool has_vnni() {
-  static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-                          __builtin_cpu_supports("avx512vnni");
-  return yes;
-}
 
 // ------------------------------------------------------------------------------------------------ weight panels
 
@@ -704,6 +698,11 @@ void panel_product(const float* X, const Weight* W, const float* bias, int64_t M
 bool has_avx512() {
   static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  return yes;
+}
+
+bool has_vnni() {
+  static const bool yes = has_avx512() && __builtin_cpu_supports("avx512vnni");
   return yes;
 }
 
