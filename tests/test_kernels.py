@@ -152,15 +152,24 @@ def test_with_vnni_the_int8_kernel_takes_up_to_16_rows(library, monkeypatch):
 
 
 def panel_product(library, x, w, bias=None, *residual, width=8):
-    return library.panel_linear(x, quant.panels(w, width), width, bias, *residual)
+    packed = quant.amx_panels(w) if width == 32 else quant.panels(w, width)
+    return library.panel_linear(x, packed, width, bias, *residual)
 
 
-@pytest.fixture(params=[8, 16], ids=["avx2", "avx512"])
+@pytest.fixture(params=[8, 16, 32], ids=["avx2", "avx512", "amx"])
 def width(request, library):
-    """Each panel width kernels.cpp has: 8 on every x86-64 CPU with AVX2, 16 where AVX-512 runs."""
-    if request.param not in library.panel_widths():
+    """Each panel layout kernels.cpp has: 8 on every x86-64 CPU with AVX2, 16 where AVX-512 runs, 32 (bfloat16
+    weights only) where AMX runs."""
+    if request.param == 32 and not library.has_amx():
+        pytest.skip("this CPU has no AMX")
+    if request.param not in library.panel_widths() + [32]:
         pytest.skip("this CPU has no AVX-512")
     return request.param
+
+
+def only_bfloat16_on_amx(width, dtype):
+    if width == 32 and dtype != torch.bfloat16:
+        pytest.skip("AMX panels hold bfloat16 weights")
 
 
 def test_int8_groups_hold_4_rows_side_by_side_block_by_block():
@@ -190,12 +199,14 @@ def test_panels_hold_each_output_feature_k_major_in_groups_of_8():
                                                 (130, 27, 32, False), (2, 179, 64, True), (4, 160, 32, False),
                                                 (5, 83, 40, True)])
 def test_float_product_equals_float64(library, width, dtype, m, n, k, with_bias):
+    only_bfloat16_on_amx(width, dtype)
     g = torch.Generator().manual_seed(m + n + k)
     x, w = torch.randn(m, k, generator=g) * 3, torch.randn(n, k, generator=g).to(dtype)
     bias = torch.randn(n, generator=g) if with_bias else None
     y = panel_product(library, x, w, bias, width=width)
-    # 16-bit weights widen exactly, so only float32 rounding remains: ~1e-6 of the magnitude over k <= 768 terms;
-    # a misplaced weight, a lost tail feature (n % 8) or bias is >= 1e-2
+    # 16-bit weights widen exactly, so only float32 rounding remains: ~1e-6 of the magnitude over k <= 768 terms
+    # (AMX: ~3e-6, the activations carried in 16 bits); a misplaced weight, a lost tail feature (n % 8) or bias is
+    # >= 1e-2
     expected = x.double() @ w.double().t() + (0 if bias is None else bias.double())
     assert y.shape == (m, n) and (y.double() - expected).abs().max() <= 2e-5 * expected.abs().max()
 
@@ -203,6 +214,7 @@ def test_float_product_equals_float64(library, width, dtype, m, n, k, with_bias)
 @needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_float_rows_equal_their_results_alone_at_any_batch_and_thread_count(library, width, dtype):
+    only_bfloat16_on_amx(width, dtype)
     g = torch.Generator().manual_seed(5)
     x, w, bias = torch.randn(137, 80, generator=g), torch.randn(51, 80, generator=g).to(dtype), torch.randn(51, generator=g)
     together = panel_product(library, x, w, bias, width=width)
@@ -216,8 +228,50 @@ def test_float_rows_equal_their_results_alone_at_any_batch_and_thread_count(libr
         assert torch.equal(panel_product(library, x, w, bias, width=width), together)
     finally:
         torch.set_num_threads(threads)
-    # each output is the same FMA chain over k whatever the width, so AVX2 and AVX-512 give the same bits
-    assert torch.equal(panel_product(library, x, w, bias, width=8), together)
+    # each output is the same FMA chain over k whatever the width, so AVX2 and AVX-512 give the same bits; AMX
+    # sums bfloat16 products in its own order
+    avx2 = panel_product(library, x, w, bias, width=8)
+    if width == 32:
+        torch.testing.assert_close(together, avx2, rtol=0, atol=2e-5 * avx2.abs().max().item())
+    else:
+        assert torch.equal(avx2, together)
+
+
+def test_amx_panels_hold_k_pairs_of_16_features_side_by_side():
+    w = torch.arange(17 * 34, dtype=torch.float32).view(17, 34) % 251  # exact in bfloat16 (< 256)
+    packed = quant.amx_panels(w)
+    kp = 64  # 34 padded to a multiple of 32
+    assert packed.dtype == torch.bfloat16 and packed.numel() == 17 * kp
+    panel = packed[:16 * kp].view(kp // 2, 16, 2)  # [k pair][feature][k % 2]
+    assert panel[0, 0].tolist() == [0, 1] and panel[0, 1].tolist() == [34, 35] and panel[1, 0].tolist() == [2, 3]
+    assert panel[16, 15].tolist() == [(15 * 34 + 32) % 251, (15 * 34 + 33) % 251] and panel[17:].abs().sum() == 0
+    tail = packed[16 * kp:].view(kp // 2, 1, 2)  # feature 16 alone
+    assert tail[:17, 0].flatten().tolist() == [(16 * 34 + k) % 251 for k in range(34)] and tail[17:].abs().sum() == 0
+
+
+@needs_kernels
+def test_amx_keeps_the_activations_float32_precision_where_bfloat16_rows_would_not(library):
+    if not library.has_amx():
+        pytest.skip("this CPU has no AMX")
+    g = torch.Generator().manual_seed(11)
+    x, w = torch.randn(8, 768, generator=g), torch.randn(96, 768, generator=g).bfloat16()
+    expected = x.double() @ w.double().t()
+    error = (panel_product(library, x, w, width=32).double() - expected).abs().max()
+    rounded = (x.bfloat16().double() @ w.double().t() - expected).abs().max()  # hi alone, lo dropped
+    assert error < rounded / 100
+
+
+@needs_kernels
+def test_amx_is_refused_for_other_weights_and_where_the_cpu_has_none(library):
+    x, w = torch.randn(2, 64), torch.randn(16, 64)
+    if not library.has_amx():
+        with pytest.raises(RuntimeError, match="width: 32 is not 8"):
+            library.panel_linear(x, quant.amx_panels(w), 32, None)
+        return
+    with pytest.raises(RuntimeError, match="w: AMX panels \\(width 32\\) are bfloat16, not Float"):
+        library.panel_linear(x, quant.panels(w, 16), 32, None)
+    with pytest.raises(RuntimeError, match=r"w: panels of 96-feature rows \(K padded to 32\), but its 1024 values"):
+        library.panel_linear(torch.randn(2, 70), quant.amx_panels(w), 32, None)
 
 
 @needs_kernels
@@ -242,11 +296,13 @@ def test_float_kernel_runs_the_panels_at_any_number_of_rows(library, dtype):
     weight, bias = torch.randn(64, 96, generator=g).to(dtype), torch.randn(64, generator=g)
     kernel = quant.make_kernel(weight, bias, None)
     assert isinstance(kernel, quant.FloatKernel) and kernel.panels is None  # made at the first product
+    amx = dtype == torch.bfloat16 and kernels.amx_bfloat16()
+    assert kernel.width == (32 if amx else kernels.panel_width())
     for shape in [(1, 1, 96), (2, 3, 96), (4, 40, 96)]:
         x = torch.randn(*shape, generator=g)
         y = kernel(x)
         assert torch.equal(y.reshape(-1, 64), panel_product(library, x.reshape(-1, 96), weight, bias,
-                                                            width=kernels.panel_width()))
+                                                            width=kernel.width))
         assert torch.allclose(y, F.linear(x, weight.float(), bias), atol=1e-4, rtol=1e-5)
     assert kernel.weight is None and kernel.panels.dtype == dtype  # the weight is dropped once packed
 
@@ -650,11 +706,14 @@ def test_a_decoder_layer_refuses_bad_input_in_one_line(library):
     norms = [block.norm1.weight, block.norm1.bias, None, None, block.norm2.weight, block.norm2.bias]
     matrices = [block.attn._qkv.kernel.weight, None, None] + [None] * 18
     with pytest.raises(RuntimeError, match="activation tanh is not one of relu, gelu, gelu_tanh, silu, swiglu"):
-        torch.classes.tinyformer.DecoderLayer(norms, matrices, 4, 4, 32, False, False, "tanh", 1e-5, 8, False)
+        torch.classes.tinyformer.DecoderLayer(norms, matrices, 4, 4, 32, False, False, "tanh", 1e-5, 8, False, False)
     with pytest.raises(RuntimeError, match="DecoderLayer: 4 heads in groups of 3"):
-        torch.classes.tinyformer.DecoderLayer(norms, matrices, 4, 3, 32, False, False, "gelu", 1e-5, 8, False)
+        torch.classes.tinyformer.DecoderLayer(norms, matrices, 4, 3, 32, False, False, "gelu", 1e-5, 8, False, False)
     with pytest.raises(RuntimeError, match="DecoderLayer: panel width 4 is not one this CPU reads"):
-        torch.classes.tinyformer.DecoderLayer(norms, matrices, 4, 4, 32, False, False, "gelu", 1e-5, 4, False)
+        torch.classes.tinyformer.DecoderLayer(norms, matrices, 4, 4, 32, False, False, "gelu", 1e-5, 4, False, False)
+    if not library.has_amx():
+        with pytest.raises(RuntimeError, match=r"DecoderLayer: this CPU has no AMX \(bfloat16\)"):
+            torch.classes.tinyformer.DecoderLayer(norms, matrices, 4, 4, 32, False, False, "gelu", 1e-5, 8, False, True)
 
 
 @needs_kernels
@@ -693,6 +752,13 @@ def test_without_kernels_cpp_float_weights_go_through_torchs_products(monkeypatc
     # or residual is ~1
     torch.testing.assert_close(kernel(x, residual), expected, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(kernel(x[:1, :1]), expected[:1, :1] - residual[:1, :1], atol=1e-4, rtol=1e-4)
+
+
+def test_amx_and_avx512_are_switched_off_by_the_environment(monkeypatch):
+    monkeypatch.setenv("TINYFORMER_KERNELS", "avx512")
+    assert not kernels.amx_bfloat16()
+    monkeypatch.setenv("TINYFORMER_KERNELS", "avx2")
+    assert not kernels.amx_bfloat16() and kernels.panel_width() == 8 and not kernels.int8_vnni()
 
 
 def test_switched_off_by_the_environment(monkeypatch):

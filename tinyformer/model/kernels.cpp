@@ -46,6 +46,8 @@
 
 #include <immintrin.h>
 
+#include <cpuid.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -695,6 +697,165 @@ void panel_product(const float* X, const Weight* W, const float* bias, int64_t M
 
 #pragma GCC pop_options
 
+// ------------------------------------------------------------------------------------ bfloat16 weights, AMX
+
+// On CPUs with AMX (Intel Sapphire Rapids and later), bfloat16 weights go through the tile unit: one TDPBF16PS
+// multiplies a 16 x 32 tile of bfloat16 activations by a 32 x 16 tile of weights into 16 x 16 float32 sums, 8192
+// multiply-adds in the time AVX-512 does ~512, so a decode step of a few rows is no longer bound by widening the
+// weights and FMAs but by reading them. The tile unit multiplies bfloat16 by bfloat16; to keep the activations'
+// precision each float32 row x is carried as two bfloat16 rows, hi = bf16(x) and lo = bf16(x - hi), which sum to x
+// within 2^-17 of its magnitude (float32 has 2^-24; a bfloat16 row alone 2^-9, a ~1e-2 error in the logits), and
+// y = (hi . w) + (lo . w). The two rows share the tile: up to 8 activation rows make 16 tile rows, the same one
+// instruction as 8 rows. Products of bfloat16 pairs are exact in float32 and each output's sums run over k in the
+// same order for every row, so a row's result depends on nothing else (not M, the tiling or the thread count); it
+// differs from the AVX-512 kernel's by rounding only (~1e-6 of the magnitude), and AMX flushes denormals to zero.
+//
+// Layout (quant.amx_panels writes it), K padded with zeros to Kp, a multiple of 32: the output features in panels
+// of 16, each panel [Kp / 2][16][2] (a k pair of each feature side by side: the tile unit's B layout, so one tile is
+// 1 KB in a row), then the last N % 16 features as [Kp / 2][N % 16][2]; a 1-D tensor of N * Kp values.
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,amx-tile,amx-bf16")
+
+namespace amx {
+
+constexpr int64_t kWidth = 16, kDepth = 32;  // a weight tile: 32 k values (16 pairs) x 16 output features
+constexpr int64_t kLayout = 32;  // panel_linear's `width` for this layout (a weight tile row holds 32 values)
+constexpr int64_t kRows = 8;                 // activation rows a tile holds (twice: hi and lo)
+// Panels a thread's unit: accumulator tiles 0-1, activations tile 4, weights tiles 5-6. GPT-2-124M's 49 matrices at
+// 1 / 8 rows: 4.57 / 5.08 ms with 2, 4.84 / 5.41 with 4 (3 weight tiles for 4 panels, one reused within a k step),
+// 4.53 / 5.11 with 2 and the next k step's tiles loaded ahead (double buffering); the AVX-512 kernel 4.90 / 6.92.
+constexpr int kPanels = 2;
+// Each weight tile's stream is prefetched this far ahead: GPT-2-124M's 49 matrices at 1 / 8 rows 5.35 / 5.76 ms
+// without, 4.93 / 5.53 with (1024 and 4096 bytes alike).
+constexpr int64_t kAhead = 2048;
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// Tiles for `rows` activation rows (2 * rows tile rows) and panels `width` features wide (16, or the last N % 16).
+inline void configure(int64_t rows, int64_t width) {
+  TileConfig c;
+  for (int t = 0; t < kPanels; t++) c.rows[t] = 2 * rows, c.colsb[t] = width * 4;
+  c.rows[4] = 2 * rows, c.colsb[4] = kDepth * 2;
+  for (int t = 5; t < 7; t++) c.rows[t] = kDepth / 2, c.colsb[t] = width * 4;
+  _tile_loadconfig(&c);
+}
+
+// x [M, K] float32 -> a [ceil(M / 8)][16][Kp] bfloat16: each block's rows hi, then their lo, zeros past K.
+void split_rows(const float* x, int64_t M, int64_t K, int64_t Kp, at::BFloat16* a) {
+  for (int64_t m = 0; m < M; m++) {
+    const int64_t block = m / kRows, r = m % kRows, rows = std::min(kRows, M - block * kRows);
+    uint16_t* hi = reinterpret_cast<uint16_t*>(a + (block * 2 * kRows + r) * Kp);
+    uint16_t* lo = hi + rows * Kp;
+    for (int64_t k = 0; k < Kp; k += 16) {
+      const __mmask16 valid = k + 16 <= K ? 0xffff : k < K ? static_cast<__mmask16>((1u << (K - k)) - 1) : 0;
+      const __m512 v = _mm512_maskz_loadu_ps(valid, x + m * K + k);
+      const __m256bh h = _mm512_cvtneps_pbh(v);
+      const __m512 back = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)h), 16));
+      const __m256bh l = _mm512_cvtneps_pbh(_mm512_sub_ps(v, back));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(hi + k), (__m256i)h);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(lo + k), (__m256i)l);
+    }
+  }
+}
+
+// GCC's tile intrinsics paste their tile numbers into the assembly text, so each tile is named by a literal.
+template <int P>
+inline void zero() {
+  _tile_zero(0);
+  if constexpr (P > 1) _tile_zero(1);
+}
+
+inline const char* prefetched(const at::BFloat16* w) {
+  const char* b = reinterpret_cast<const char*>(w);
+  for (int line = 0; line < kDepth * kWidth * 2; line += 64) _mm_prefetch(b + kAhead + line, _MM_HINT_T0);
+  return b;
+}
+
+// Accumulators 0..P-1 += activations (tile 4) x the weight tile of panel p (tiles 5, 6).
+template <int P>
+inline void multiply(const at::BFloat16* w, int64_t panel_stride, int64_t stride) {
+  _tile_loadd(5, prefetched(w), stride);
+  _tile_dpbf16ps(0, 4, 5);
+  if constexpr (P > 1) { _tile_loadd(6, prefetched(w + panel_stride), stride); _tile_dpbf16ps(1, 4, 6); }
+}
+
+template <int P>
+inline void store(float* c) {
+  _tile_stored(0, c, kWidth * 4);
+  if constexpr (P > 1) _tile_stored(1, c + kWidth * kWidth, kWidth * 4);
+}
+
+// P panels (features width wide each, 16 but for the last) for `rows` rows whose hi/lo tile is at a: y = hi + lo
+// sums, + bias, + residual, stored rows x P * width.
+template <int P>
+void panels(const at::BFloat16* a, int64_t Kp, const at::BFloat16* w, int64_t panel_stride, int64_t width,
+            int64_t rows, float* y, int64_t ldy, const float* bias, const float* residual) {
+  zero<P>();
+  const int64_t step = kDepth / 2 * width * 2;  // one weight tile's values
+  for (int64_t k = 0; k < Kp; k += kDepth) {
+    _tile_loadd(4, a + k, Kp * 2);
+    multiply<P>(w + k / kDepth * step, panel_stride, width * 4);
+  }
+  alignas(64) float c[kPanels * kWidth * kWidth];
+  store<P>(c);
+  const __mmask16 mask = width == kWidth ? 0xffff : static_cast<__mmask16>((1u << width) - 1);
+  for (int p = 0; p < P; p++)
+    for (int64_t r = 0; r < rows; r++) {
+      const float* sums = c + p * kWidth * kWidth;
+      __m512 v = _mm512_add_ps(_mm512_maskz_loadu_ps(mask, sums + r * kWidth),
+                               _mm512_maskz_loadu_ps(mask, sums + (rows + r) * kWidth));
+      const int64_t at = p * kWidth;
+      if (bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, bias + at));
+      if (residual) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, residual + r * ldy + at));
+      _mm512_mask_storeu_ps(y + r * ldy + at, mask, v);
+    }
+}
+
+// Output features [n0, n0 + count * 16) (count <= 2 whole panels) or the tail (count 0) for every row block.
+void group(const at::BFloat16* a, int64_t M, int64_t Kp, const at::BFloat16* W, int64_t N, int64_t n0, int64_t count,
+           float* Y, const float* bias, const float* residual, int64_t& configured) {
+  const int64_t width = count ? kWidth : N % kWidth, panel_stride = Kp * kWidth;
+  const at::BFloat16* w = W + n0 * Kp;
+  for (int64_t m0 = 0; m0 < M; m0 += kRows) {
+    const int64_t rows = std::min(kRows, M - m0), key = rows * 64 + width;
+    if (configured != key) configure(rows, width), configured = key;
+    const at::BFloat16* am = a + m0 * 2 * Kp;
+    float* y = Y + m0 * N + n0;
+    const float* b = bias ? bias + n0 : nullptr;
+    const float* r = residual ? residual + m0 * N + n0 : nullptr;
+    if (count == 2) panels<2>(am, Kp, w, panel_stride, width, rows, y, N, b, r);
+    else panels<1>(am, Kp, w, panel_stride, width, rows, y, N, b, r);
+  }
+}
+
+void product(const float* X, const at::BFloat16* W, const float* bias, int64_t M, int64_t N, int64_t K, float* Y,
+             const float* residual) {
+  const int64_t Kp = (K + kDepth - 1) / kDepth * kDepth, full = N / kWidth;
+  const int64_t groups = (full + kPanels - 1) / kPanels, units = groups + (N % kWidth ? 1 : 0);
+  thread_local std::vector<at::BFloat16> buffer;
+  buffer.resize((M + kRows - 1) / kRows * 2 * kRows * Kp);
+  split_rows(X, M, K, Kp, buffer.data());
+  const at::BFloat16* a = buffer.data();
+  at::parallel_for(0, units, 1, [&](int64_t begin, int64_t end) {
+    int64_t configured = -1;  // the tile configuration is each thread's own: loaded once per call and shape
+    for (int64_t g = begin; g < end; g++) {
+      const bool tail = g == groups;
+      const int64_t n0 = tail ? full * kWidth : g * kPanels * kWidth;
+      group(a, M, Kp, W, N, n0, tail ? 0 : std::min<int64_t>(kPanels, full - g * kPanels), Y, bias, residual,
+            configured);
+    }
+  });
+}
+
+}  // namespace amx
+
+#pragma GCC pop_options
+
 bool has_avx512() {
   static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
@@ -706,6 +867,20 @@ bool has_vnni() {
   return yes;
 }
 
+// AMX tiles with bfloat16 and AVX-512 BF16 (CPUID leaf 7: EDX bits 22, 24; sub-leaf 1 EAX bit 5), and Linux's
+// permission for this process to use the tile data (arch_prctl ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA), asked
+// once: without it the first tile instruction dies of SIGILL.
+bool has_amx() {
+  static const bool yes = [] {
+    unsigned a, b, c, d;
+    if (!has_avx512() || !__get_cpuid_count(7, 0, &a, &b, &c, &d) || !((d >> 22) & 1) || !((d >> 24) & 1)) return false;
+    if (!__get_cpuid_count(7, 1, &a, &b, &c, &d) || !((a >> 5) & 1)) return false;
+    constexpr long kRequestPermission = 0x1023, kTileData = 18;
+    return syscall(SYS_arch_prctl, kRequestPermission, kTileData) == 0;
+  }();
+  return yes;
+}
+
 at::Tensor panel_linear(const at::Tensor& x, const at::Tensor& w, int64_t width, const c10::optional<at::Tensor>& bias,
                         const c10::optional<at::Tensor>& residual) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous() && x.size(1) > 0,
@@ -714,10 +889,15 @@ at::Tensor panel_linear(const at::Tensor& x, const at::Tensor& w, int64_t width,
   const int64_t M = x.size(0), K = x.size(1);
   TORCH_CHECK(w.dim() == 1 && w.is_contiguous() && (type == at::kFloat || type == at::kBFloat16 || type == at::kHalf),
               "w: float32, bfloat16 or float16 panels (quant.panels), a contiguous 1-D tensor");
-  TORCH_CHECK(w.numel() % K == 0, "w: panels of ", K, "-feature rows, but its ", w.numel(), " values are not a multiple");
-  TORCH_CHECK(width == kPanelWidth || (width == wide::kWidth && has_avx512()), "width: ", width, " is not ",
-              kPanelWidth, has_avx512() ? " or 16" : " (this CPU has no AVX-512 for 16)");
-  const int64_t N = w.numel() / K;
+  TORCH_CHECK(width == kPanelWidth || (width == wide::kWidth && has_avx512()) || (width == amx::kLayout && has_amx()),
+              "width: ", width, " is not ", kPanelWidth, has_avx512() ? " or 16" : " (this CPU has no AVX-512 for 16)",
+              has_amx() ? " or 32 (AMX)" : "");
+  const bool tiles = width == amx::kLayout;
+  TORCH_CHECK(!tiles || type == at::kBFloat16, "w: AMX panels (width 32) are bfloat16, not ", type);
+  const int64_t Kp = tiles ? (K + amx::kDepth - 1) / amx::kDepth * amx::kDepth : K;  // AMX: K padded to 32
+  TORCH_CHECK(w.numel() % Kp == 0, "w: panels of ", Kp, "-feature rows", tiles ? " (K padded to 32)" : "",
+              ", but its ", w.numel(), " values are not a multiple");
+  const int64_t N = w.numel() / Kp;
   const float* b_ptr = nullptr;
   if (bias.has_value()) {
     TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->numel() == N && bias->is_contiguous(), "bias: float32 [N]");
@@ -728,6 +908,8 @@ at::Tensor panel_linear(const at::Tensor& x, const at::Tensor& w, int64_t width,
   const float* X = x.data_ptr<float>();
   float* Y = y.data_ptr<float>();
   auto product = [&](auto* weight) {
+    if constexpr (std::is_same_v<std::remove_const_t<std::remove_pointer_t<decltype(weight)>>, at::BFloat16>)
+      if (width == amx::kLayout) return amx::product(X, weight, b_ptr, M, N, K, Y, R);
     if (width == wide::kWidth) wide::panel_product(X, weight, b_ptr, M, N, K, Y, R);
     else panel_product(X, weight, b_ptr, M, N, K, Y, R);
   };
@@ -1059,20 +1241,22 @@ struct DecoderLayer : torch::CustomClassHolder {
 
   DecoderLayer(c10::List<c10::optional<at::Tensor>> norm_tensors, c10::List<c10::optional<at::Tensor>> matrix_tensors,
                int64_t heads, int64_t kv_heads, int64_t head_dim, bool post_norm, bool rms_norm, std::string activation,
-               double eps, int64_t panel_width, bool vnni)
+               double eps, int64_t panel_width, bool vnni, bool amx)
       : heads(heads), kv_heads(kv_heads), head_dim(head_dim), post_norm(post_norm), rms_norm(rms_norm),
         activation(std::move(activation)), eps(eps) {
     TORCH_CHECK(kv_heads > 0 && heads % kv_heads == 0, "DecoderLayer: ", heads, " heads in groups of ", kv_heads);
     TORCH_CHECK(panel_width == kPanelWidth || (panel_width == wide::kWidth && has_avx512()), "DecoderLayer: panel width ",
                 panel_width, " is not one this CPU reads");
     TORCH_CHECK(!vnni || has_vnni(), "DecoderLayer: this CPU has no AVX-512 VNNI");
+    TORCH_CHECK(!amx || has_amx(), "DecoderLayer: this CPU has no AMX (bfloat16)");
     TORCH_CHECK(norm_tensors.size() == 6 && matrix_tensors.size() == 21,
                 "DecoderLayer: 3 norms (weight, bias) and 7 matrices (weight, scale, bias)");
     for (const auto& t : norm_tensors) norms.push_back(t);
     for (size_t i = 0; i < 21; i += 3) {
       const c10::optional<at::Tensor> weight = matrix_tensors.get(i);
+      const bool tiles = amx && weight.has_value() && weight->scalar_type() == at::kBFloat16;  // quant.amx_panels
       matrices.push_back({weight.has_value() ? *weight : at::Tensor(), matrix_tensors.get(i + 1), matrix_tensors.get(i + 2),
-                          panel_width, vnni});
+                          tiles ? amx::kLayout : panel_width, vnni});
     }
     cross = matrices[kCrossQ].weight.defined();
     const std::vector<std::string> known{"relu", "gelu", "gelu_tanh", "silu", "swiglu"};
@@ -1256,7 +1440,7 @@ struct DecoderStack : torch::CustomClassHolder {
 TORCH_LIBRARY(tinyformer, m) {
   m.class_<DecoderLayer>("DecoderLayer")
       .def(torch::init<c10::List<c10::optional<at::Tensor>>, c10::List<c10::optional<at::Tensor>>, int64_t, int64_t,
-                       int64_t, bool, bool, std::string, double, int64_t, bool>())
+                       int64_t, bool, bool, std::string, double, int64_t, bool, bool>())
       // a method, not an op taking the layer: an op's call from Python looks up __torch_function__ on each argument,
       // and on a custom-class object that lookup fails by throwing a C++ exception (~30 us a call here)
       .def("step", &DecoderLayer::step);
@@ -1269,6 +1453,7 @@ TORCH_LIBRARY(tinyformer, m) {
   m.def("int8_linear(Tensor x, Tensor w, Tensor w_scale, Tensor? bias, Tensor? residual=None, bool vnni=False) -> Tensor",
         &int8_linear);
   m.def("has_vnni() -> bool", [] { return has_vnni(); });
+  m.def("has_amx() -> bool", [] { return has_amx(); });
   m.def("panel_linear(Tensor x, Tensor w, int width, Tensor? bias, Tensor? residual=None) -> Tensor", &panel_linear);
   m.def("panel_widths() -> int[]", [] { return has_avx512() ? std::vector<int64_t>{8, 16} : std::vector<int64_t>{8}; });
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor? mask) -> Tensor", &decode_attention);

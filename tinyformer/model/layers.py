@@ -343,7 +343,7 @@ class Block(nn.Module):
             [t for n in norms for t in ((n.weight, getattr(n, "bias", None)) if n is not None else (None, None))],
             [t for m in own for t in (m[0] if m is not None else (None, None, None))],
             self.attn.n_heads, self.attn.n_kv_heads, self.attn.head_dim, self.post_norm, kind is RMSNorm,
-            activation, self.norm1.eps, kernels.panel_width(), kernels.int8_vnni())
+            activation, self.norm1.eps, kernels.panel_width(), kernels.int8_vnni(), kernels.amx_bfloat16())
         self._decode_layer = layer
         self._decode_rows = min(own[i][1] for i in needed)
 

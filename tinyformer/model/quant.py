@@ -154,7 +154,8 @@ _FBGEMM = "fbgemm" in torch.backends.quantized.supported_engines and hasattr(tor
 
 class FloatKernel:
     """float32, bfloat16 or float16 weights, float32 arithmetic: kernels.cpp's panel_linear on a copy of the weight
-    repacked in panels of 8 output features, 16 on AVX-512 CPUs (see `panels`), in huge pages, for any number of
+    repacked in panels of 8 output features, 16 on AVX-512 CPUs (see `panels`; bfloat16 on AMX CPUs: `amx_panels`,
+    the activations carried in 16 significant bits), in huge pages, for any number of
     activation rows, so a row's result never depends on the rows beside it. Without kernels.cpp: float32 through oneDNN's pre-packed copy,
     16-bit weights through fbgemm's float16 kernel (its own float16 copy).
 
@@ -168,7 +169,7 @@ class FloatKernel:
         self.bias = None if bias is None else bias.detach().float().contiguous()
         library = kernels.library()
         self.own = library.panel_linear.default if library is not None else None
-        self.width = kernels.panel_width()
+        self.width = 32 if weight.dtype == torch.bfloat16 and kernels.amx_bfloat16() else kernels.panel_width()
         # the panels are made at the first product: a Linear whose product is fused with others' (FusedLinears)
         # never makes them, so no huge-page memory is spent on them
         self.panels, self.weight = None, weight.detach()
@@ -177,7 +178,8 @@ class FloatKernel:
 
     def _panels(self) -> torch.Tensor:
         if self.panels is None:
-            self.panels, self.weight = HUGE_PAGES.copy(panels(self.weight, self.width)), None
+            packed = amx_panels(self.weight) if self.width == 32 else panels(self.weight, self.width)
+            self.panels, self.weight = HUGE_PAGES.copy(packed), None
         return self.panels
 
     def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
@@ -232,6 +234,19 @@ def panels(weight: torch.Tensor, width: int = 8) -> torch.Tensor:
     whole = n // width * width
     body = weight[:whole].reshape(n // width, width, k).transpose(1, 2)
     return torch.cat([body.reshape(-1), weight[whole:].t().reshape(-1)])
+
+
+def amx_panels(weight: torch.Tensor) -> torch.Tensor:
+    """bfloat16 weight [N, K] in the order kernels.cpp's AMX kernel reads it (panel_linear width 32), as a 1-D tensor
+    of N x Kp values, K padded with zeros to Kp, a multiple of 32: the output features in panels of 16, each panel
+    [Kp / 2][16][2] (each feature's k pair side by side), then the last N % 16 features as [Kp / 2][N % 16][2]."""
+    n, k = weight.shape
+    kp = -(-k // 32) * 32
+    padded = F.pad(weight.to(torch.bfloat16), (0, kp - k))
+    whole = n // 16 * 16
+    body = padded[:whole].reshape(n // 16, 16, kp // 2, 2).transpose(1, 2)
+    tail = padded[whole:].reshape(n - whole, kp // 2, 2).transpose(0, 1)
+    return torch.cat([body.reshape(-1), tail.reshape(-1)])
 
 
 def int8_groups(q: torch.Tensor) -> torch.Tensor:
