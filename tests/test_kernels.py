@@ -413,6 +413,27 @@ def test_cached_decode_attention_writes_the_slot_then_attends(library):
 
 
 @needs_kernels
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_16_bit_cache_rounds_as_it_writes_and_widens_exactly_as_it_reads(library, dtype):
+    g = torch.Generator().manual_seed(10)
+    k_cache, v_cache = torch.randn(2, 3, 4, 9, 64, generator=g).to(dtype), torch.randn(2, 3, 4, 9, 64, generator=g).to(dtype)
+    q, k_new, v_new = (torch.randn(3, 4, 1, 64, generator=g) for _ in range(3))
+    rows = torch.tensor([[0, 2, 1, 0, 0, 0, 0, 0, 0], [1, 1, 1, 1, 1, 1, 1, 1, 1], [2, 0, 0, 1, 2, 2, 2, 2, 2]])
+    wide_k, wide_v = k_cache.float(), v_cache.float()
+    out = library.cached_decode_attention(q, k_new, v_new, k_cache, v_cache, 1, 5, 6, None, rows)
+    # the new keys and values rounded to nearest even as torch rounds them; the rest untouched
+    wide_k[1, :, :, 5:6], wide_v[1, :, :, 5:6] = k_new.to(dtype).float(), v_new.to(dtype).float()
+    assert torch.equal(k_cache.float(), wide_k) and torch.equal(v_cache.float(), wide_v)
+    # reading 16-bit keys gives the bits of reading their float32 values
+    assert torch.equal(out, library.cached_decode_attention(q, k_new.to(dtype).float(), v_new.to(dtype).float(),
+                                                            wide_k.clone(), wide_v.clone(), 1, 5, 6, None, rows))
+    assert torch.equal(library.decode_attention(q, k_cache[0, :, :, :7], v_cache[0, :, :, :7], None),
+                       library.decode_attention(q, wide_k[0, :, :, :7], wide_v[0, :, :, :7], None))
+    with pytest.raises(RuntimeError, match="caches: float32, bfloat16 or float16 alike"):
+        library.cached_decode_attention(q, k_new, v_new, k_cache, v_cache.float(), 1, 5, 6, None)
+
+
+@needs_kernels
 def test_cached_decode_attention_on_the_fused_product_equals_it_on_q_k_v(library):
     g = torch.Generator().manual_seed(10)
     caches = [torch.randn(2, 3, 4, 9, 16, generator=g) for _ in range(2)]

@@ -209,7 +209,7 @@ def cmd_inspect(args) -> int:
     from .api import load
     from .generation import kv_cache_bytes
     from .generation.cache import cross_cache_bytes
-    from .model.quant import activation_dtype, precision, weight_bytes
+    from .model.quant import activation_dtype, cache_dtype, precision, weight_bytes
 
     lm = load(args.checkpoint, device="cpu", dtype=args.dtype, quantize=args.quantize)
     model = lm.model
@@ -225,7 +225,7 @@ def cmd_inspect(args) -> int:
         top = ".".join(name.split(".")[:2]) if in_stack else name.split(".")[0]
         modules[top] = modules.get(top, 0) + param.numel()
     state = {k: list(v.shape) for k, v in model.state_dict().items()}
-    dtype = activation_dtype(model)  # what the caches hold
+    dtype = cache_dtype(model)  # what the caches hold
     length = args.cache_length or config.context_length
     weights = weight_bytes(model)
     cache = kv_cache_bytes(config, args.cache_batch, length, dtype)
@@ -236,7 +236,7 @@ def cmd_inspect(args) -> int:
                          "formula": "2 x layers x kv_heads x head_dim x length x batch x bytes"},
             "train": lm.config.get("train"), "step": lm.config.get("step")}
     if lm.is_seq2seq:
-        cross = cross_cache_bytes(config, args.cache_batch, length, dtype)
+        cross = cross_cache_bytes(config, args.cache_batch, length, activation_dtype(model))  # projected keys
         data["cross_attention_cache"] = {"sources": args.cache_batch, "source_length": length, "bytes": cross,
                                          "formula": "2 x decoder layers x kv_heads x head_dim x source length x "
                                                     "sources x bytes (shared by the beams of a source)"}

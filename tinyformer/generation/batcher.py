@@ -29,7 +29,7 @@ from typing import Callable
 import torch
 
 from ..model import kernels
-from ..model.quant import activation_dtype
+from ..model.quant import cache_dtype
 from .api import check_token_ids, decoder_start, encode_prompt
 from .cache import KVCache
 from .decode import left_pad, pad_sources, sample
@@ -189,7 +189,7 @@ class Batcher:
         self.max_batch, self.max_queue, self.on_step = max_batch, max_queue, on_step
         self.context = model.config.context_length
         param = next(model.parameters())
-        self.device, self.dtype = param.device, activation_dtype(model)
+        self.device, self.dtype = param.device, cache_dtype(model)
         self.eos_ids = {tokenizer.eos_id} if tokenizer is not None and tokenizer.eos_id is not None else set()
         self.pad_id = tokenizer.pad_id if tokenizer is not None and tokenizer.pad_id is not None else 0
         self.waiting: deque[Sequence] = deque()

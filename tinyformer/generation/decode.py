@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from ..model import kernels
-from ..model.quant import activation_dtype
+from ..model.quant import cache_dtype
 from .cache import KVCache
 from .processors import GenerationError, History, TopK
 
@@ -104,7 +104,7 @@ def prefill(model, rows: list[list[int]], pad_id: int, room: int, use_cache: boo
     if use_cache:
         param = next(model.parameters())
         capacity = min(window, max(len(r) for r in rows) + room)
-        cache = KVCache(model.config, len(rows), capacity, activation_dtype(model), param.device, rolling=rolling)
+        cache = KVCache(model.config, len(rows), capacity, cache_dtype(model), param.device, rolling=rolling)
     extra = {} if sources is None else {"source_ids": sources[0], "source_mask": sources[1]}
     logits = model(ids, attention_mask=mask, cache=cache, last_only=True, record_attention=record_attention, **extra)
     return logits[:, -1], cache

@@ -937,17 +937,18 @@ inline __m256 exp_nonpositive(__m256 x) {
 
 // Dot products of q with 4 keys (4 independent FMA chains; one chain a key waited on the FMA latency, 1.7x slower).
 // Each key's sum is reduced by the same tree whichever of the 4 slots it is in.
-inline void dot4(const float* q, const float* const key[4], int64_t D, float* out) {
+template <class T>
+inline void dot4(const float* q, const T* const key[4], int64_t D, float* out) {
   __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
   int64_t d = 0;
   for (; d + 8 <= D; d += 8) {
     const __m256 x = _mm256_loadu_ps(q + d);
-    for (int j = 0; j < 4; j++) acc[j] = _mm256_fmadd_ps(x, _mm256_loadu_ps(key[j] + d), acc[j]);
+    for (int j = 0; j < 4; j++) acc[j] = _mm256_fmadd_ps(x, load8(key[j] + d), acc[j]);
   }
   const __m256 pairs = _mm256_hadd_ps(_mm256_hadd_ps(acc[0], acc[1]), _mm256_hadd_ps(acc[2], acc[3]));
   _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(pairs), _mm256_extractf128_ps(pairs, 1)));
   for (; d < D; d++)
-    for (int j = 0; j < 4; j++) out[j] += q[d] * key[j][d];
+    for (int j = 0; j < 4; j++) out[j] += q[d] * static_cast<float>(key[j][d]);
 }
 
 // out[0:8 * V] += sum over keys of p[s] * value_at(s)[0:8 * V], the 8 * V sums kept in registers.
@@ -958,30 +959,33 @@ void add_weighted_values(const float* p, const ValueAt& value_at, int64_t S, flo
   for (int64_t s = 0; s < S; s++) {
     if (p[s] == 0.0f) continue;  // masked or underflowed: adds nothing
     const __m256 weight = _mm256_set1_ps(p[s]);
-    const float* v = value_at(s);
-    for (int j = 0; j < V; j++) acc[j] = _mm256_fmadd_ps(weight, _mm256_loadu_ps(v + 8 * j), acc[j]);
+    const auto* v = value_at(s);
+    for (int j = 0; j < V; j++) acc[j] = _mm256_fmadd_ps(weight, load8(v + 8 * j), acc[j]);
   }
   for (int j = 0; j < V; j++) _mm256_storeu_ps(out + 8 * j, acc[j]);
 }
 
 // Where one row's keys and values are: key s at k + s * k_stride, or, with a row table (beam search's reordered KV
-// cache), at k + rows[s] * k_row_stride + s * k_stride: slot s of the cache row that wrote it; values alike.
+// cache), at k + rows[s] * k_row_stride + s * k_stride: slot s of the cache row that wrote it; values alike. T:
+// float32, or a 16-bit KV cache's bfloat16 or float16 (widened exactly as they are read).
+template <class T>
 struct RowKeys {
-  const float *k, *v;
+  const T *k, *v;
   int64_t k_stride, v_stride;
   const int64_t* rows;  // nullptr: every slot in this row
   int64_t k_row_stride, v_row_stride;
-  const float* key(int64_t s) const { return k + (rows ? rows[s] * k_row_stride : 0) + s * k_stride; }
-  const float* value(int64_t s) const { return v + (rows ? rows[s] * v_row_stride : 0) + s * v_stride; }
+  const T* key(int64_t s) const { return k + (rows ? rows[s] * k_row_stride : 0) + s * k_stride; }
+  const T* value(int64_t s) const { return v + (rows ? rows[s] * v_row_stride : 0) + s * v_stride; }
 };
 
 // softmax(q k^T / sqrt(D)) v for one query row over S keys; keys whose mask entry is false get weight 0. A key's
 // score and weight do not depend on its index or on the other keys, and the sums over keys run in key order and skip
 // weights of 0, so padding keys leave the result unchanged bit for bit (a row in a padded batch equals it alone).
-void attend_row(const float* q, const RowKeys& kv, const bool* mask, int64_t mask_stride, int64_t S, int64_t D,
+template <class T>
+void attend_row(const float* q, const RowKeys<T>& kv, const bool* mask, int64_t mask_stride, int64_t S, int64_t D,
                 float scale, float* scores, float* out) {
   for (int64_t s = 0; s < S; s += 4) {
-    const float* key[4];
+    const T* key[4];
     for (int j = 0; j < 4; j++) key[j] = kv.key(std::min(s + j, S - 1));
     float dots[4];
     dot4(q, key, D, dots);
@@ -1011,7 +1015,7 @@ void attend_row(const float* q, const RowKeys& kv, const bool* mask, int64_t mas
   for (; d + 64 <= D; d += 64) add_weighted_values<8>(scores, [&](int64_t i) { return kv.value(i) + d; }, S, out + d);
   for (; d + 8 <= D; d += 8) add_weighted_values<1>(scores, [&](int64_t i) { return kv.value(i) + d; }, S, out + d);
   for (; d < D; d++)
-    for (s = 0; s < S; s++) out[d] += scores[s] * kv.value(s)[d];
+    for (s = 0; s < S; s++) out[d] += scores[s] * static_cast<float>(kv.value(s)[d]);
   const float inverse = 1.0f / total;
   for (d = 0; d < D; d++) out[d] *= inverse;
 }
@@ -1019,18 +1023,30 @@ void attend_row(const float* q, const RowKeys& kv, const bool* mask, int64_t mas
 // One operand of attention, [batch, heads, positions, head_dim], where it lies: any strides with head_dim
 // contiguous, so the KV cache and the columns of the fused q/k/v product are read in place (as tensor views they
 // cost ~10 ATen ops a layer, ~1 us each here).
-struct Strided {
-  const float* data;
+template <class T>
+struct StridedOf {
+  const T* data;
   int64_t batch, head, position;
 };
+using Strided = StridedOf<float>;
 
-inline Strided strided(const at::Tensor& t) { return {t.data_ptr<float>(), t.stride(0), t.stride(1), t.stride(2)}; }
+template <class T = float>
+inline StridedOf<T> strided(const at::Tensor& t) { return {t.data_ptr<T>(), t.stride(0), t.stride(1), t.stride(2)}; }
+
+// Runs f on a null pointer of the element type of a KV cache or keys: float32, bfloat16 or float16.
+template <class F>
+inline auto with_key_type(at::ScalarType type, const F& f) {
+  if (type == at::kBFloat16) return f(static_cast<at::BFloat16*>(nullptr));
+  if (type == at::kHalf) return f(static_cast<at::Half*>(nullptr));
+  return f(static_cast<float*>(nullptr));
+}
 
 // Attention of a decode step: q [B, H, T, D], k and v [B, Hkv, S, D] (H a multiple of Hkv, the heads of a group
 // sharing their keys), mask bool broadcastable to [B, 1, T, S] or None -> [B, T, H, D] contiguous, which is the
 // output projection's input as it is. No causal mask: the T queries see the same keys (a step's one token, or the
 // beams of one source folded into T for cross-attention). With `rows`, row b's key s is in cache row rows[b][s].
-at::Tensor attend(const Strided& q, const Strided& k, const Strided& v, int64_t B, int64_t H, int64_t T, int64_t Hkv,
+template <class Key>
+at::Tensor attend(const Strided& q, const StridedOf<Key>& k, const StridedOf<Key>& v, int64_t B, int64_t H, int64_t T, int64_t Hkv,
                   int64_t S, int64_t D, const c10::optional<at::Tensor>& mask, const int64_t* rows,
                   int64_t rows_stride) {
   const bool* M = nullptr;
@@ -1059,7 +1075,7 @@ at::Tensor attend(const Strided& q, const Strided& k, const Strided& v, int64_t 
     for (int64_t i = begin; i < end; i++) {
       const int64_t b = i / (H * T), h = i / T % H, t = i % T, g = h / (H / Hkv);
       const int64_t own = rows ? 0 : b;
-      const RowKeys kv{k.data + own * k.batch + g * k.head, v.data + own * v.batch + g * v.head, k.position,
+      const RowKeys<Key> kv{k.data + own * k.batch + g * k.head, v.data + own * v.batch + g * v.head, k.position,
                        v.position, rows ? rows + b * rows_stride : nullptr, k.batch, v.batch};
       attend_row(q.data + b * q.batch + h * q.head + t * q.position, kv,
                  M ? M + b * mask_batch + t * mask_query : nullptr, mask_key, S, D, scale, scores.data(),
@@ -1073,34 +1089,40 @@ at::Tensor attend(const Strided& q, const Strided& k, const Strided& v, int64_t 
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                             const c10::optional<at::Tensor>& mask) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "q, k, v: [batch, heads, length, head_dim]");
-  TORCH_CHECK(q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat,
-              "q, k, v: float32");
+  const auto keys = k.scalar_type();
+  TORCH_CHECK(q.scalar_type() == at::kFloat && v.scalar_type() == keys &&
+                  (keys == at::kFloat || keys == at::kBFloat16 || keys == at::kHalf),
+              "q: float32, k and v: float32, bfloat16 or float16 alike");
   const int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3), Hkv = k.size(1), S = k.size(2);
   TORCH_CHECK(k.size(0) == B && v.sizes() == k.sizes() && k.size(3) == D && Hkv > 0 && H % Hkv == 0,
               "k and v [", B, ", a divisor of ", H, ", S, ", D, "], got ", k.sizes(), " and ", v.sizes());
   TORCH_CHECK(q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1, "q, k, v: head_dim contiguous");
-  return attend(strided(q), strided(k), strided(v), B, H, T, Hkv, S, D, mask, nullptr, 0);
+  return with_key_type(keys, [&](auto* type) {
+    using Key = std::remove_pointer_t<decltype(type)>;
+    return attend(strided(q), strided<Key>(k), strided<Key>(v), B, H, T, Hkv, S, D, mask, nullptr, 0);
+  });
 }
 
-// A self-attention decode step on the KV cache [layers, B, Hkv, capacity, D]: writes this step's keys and values
-// (k_new, v_new: [B, Hkv, D] at the given strides) into slot `slot` of layer `layer`, then attends over slots
-// [0, read) as decode_attention does. One call instead of the ~10 small ops of writing and viewing the cache from
-// Python. With `rows` (int64 [B, >= read]), row b reads slot s from cache row rows[b][s]: beam search reorders its
-// beams by reordering that table instead of copying every filled slot of the cache (each step writes one slot of
-// every row, so a slot's keys stay where they were written).
-at::Tensor attend_cached(const Strided& q, int64_t H, const Strided& k_new, const Strided& v_new, at::Tensor& k_cache,
-                         at::Tensor& v_cache, int64_t layer, int64_t slot, int64_t read,
-                         const c10::optional<at::Tensor>& mask, const c10::optional<at::Tensor>& rows) {
+// attend_cached (below) on a cache of element type T.
+template <class T>
+at::Tensor attend_cached_as(const Strided& q, int64_t H, const Strided& k_new, const Strided& v_new, at::Tensor& k_cache,
+                            at::Tensor& v_cache, int64_t layer, int64_t slot, int64_t read,
+                            const c10::optional<at::Tensor>& mask, const c10::optional<at::Tensor>& rows) {
   const int64_t B = k_cache.size(1), Hkv = k_cache.size(2), capacity = k_cache.size(3), D = k_cache.size(4);
   TORCH_CHECK(0 <= layer && layer < k_cache.size(0) && 0 <= slot && slot < read && read <= capacity,
               "layer ", layer, ", slot ", slot, ", read ", read, " outside the cache ", k_cache.sizes());
-  float *keys = k_cache.data_ptr<float>(), *values = v_cache.data_ptr<float>();
+  T *keys = k_cache.data_ptr<T>(), *values = v_cache.data_ptr<T>();
   for (int64_t b = 0; b < B; b++)
     for (int64_t g = 0; g < Hkv; g++) {
       const int64_t to = layer * k_cache.stride(0) + b * k_cache.stride(1) + g * k_cache.stride(2) +
                          slot * k_cache.stride(3);  // v_cache has the same strides (check_caches)
-      std::memcpy(keys + to, k_new.data + b * k_new.batch + g * k_new.head, sizeof(float) * D);
-      std::memcpy(values + to, v_new.data + b * v_new.batch + g * v_new.head, sizeof(float) * D);
+      const float *k = k_new.data + b * k_new.batch + g * k_new.head, *v = v_new.data + b * v_new.batch + g * v_new.head;
+      if constexpr (std::is_same_v<T, float>) {
+        std::memcpy(keys + to, k, sizeof(float) * D);
+        std::memcpy(values + to, v, sizeof(float) * D);
+      } else {  // rounded to nearest even, as torch's .to(dtype) does
+        for (int64_t d = 0; d < D; d++) keys[to + d] = T(k[d]), values[to + d] = T(v[d]);
+      }
     }
   const int64_t* table = nullptr;
   if (rows.has_value()) {
@@ -1114,20 +1136,39 @@ at::Tensor attend_cached(const Strided& q, int64_t H, const Strided& k_new, cons
                     "rows[", b, ", ", s, "] = ", table[b * rows->stride(0) + s], " is not a cache row");
   }
   const int64_t layer_offset = layer * k_cache.stride(0);
-  const Strided k{keys + layer_offset, k_cache.stride(1), k_cache.stride(2), k_cache.stride(3)};
-  const Strided v{values + layer_offset, v_cache.stride(1), v_cache.stride(2), v_cache.stride(3)};
+  const StridedOf<T> k{keys + layer_offset, k_cache.stride(1), k_cache.stride(2), k_cache.stride(3)};
+  const StridedOf<T> v{values + layer_offset, v_cache.stride(1), v_cache.stride(2), v_cache.stride(3)};
   return attend(q, k, v, B, H, 1, Hkv, read, D, mask, table, table ? rows->stride(0) : 0);
+}
+
+// A self-attention decode step on the KV cache [layers, B, Hkv, capacity, D] (float32, or bfloat16 / float16: the
+// new keys and values rounded as they are written): writes this step's keys and values (k_new, v_new: [B, Hkv, D]
+// at the given strides) into slot `slot` of layer `layer`, then attends over slots [0, read) as decode_attention
+// does. One call instead of the ~10 small ops of writing and viewing the cache from Python. With `rows` (int64 [B,
+// >= read]), row b reads slot s from cache row rows[b][s]: beam search reorders its beams by reordering that table
+// instead of copying every filled slot of the cache (each step writes one slot of every row, so a slot's keys stay
+// where they were written).
+at::Tensor attend_cached(const Strided& q, int64_t H, const Strided& k_new, const Strided& v_new, at::Tensor& k_cache,
+                         at::Tensor& v_cache, int64_t layer, int64_t slot, int64_t read,
+                         const c10::optional<at::Tensor>& mask, const c10::optional<at::Tensor>& rows) {
+  return with_key_type(k_cache.scalar_type(), [&](auto* type) {
+    return attend_cached_as<std::remove_pointer_t<decltype(type)>>(q, H, k_new, v_new, k_cache, v_cache, layer, slot,
+                                                                   read, mask, rows);
+  });
 }
 
 // The caches: [layers, batch, kv_heads, capacity, head_dim], contiguous but maybe for the batch (DecoderStack steps a
 // range of rows on a view), both with the same strides.
 void check_caches(const at::Tensor& k_cache, const at::Tensor& v_cache) {
-  TORCH_CHECK(k_cache.dim() == 5 && k_cache.scalar_type() == at::kFloat && v_cache.sizes() == k_cache.sizes() &&
-                  v_cache.strides() == k_cache.strides() && v_cache.scalar_type() == at::kFloat &&
+  const auto type = k_cache.scalar_type();
+  TORCH_CHECK(k_cache.dim() == 5 && (type == at::kFloat || type == at::kBFloat16 || type == at::kHalf) &&
+                  v_cache.sizes() == k_cache.sizes() && v_cache.strides() == k_cache.strides() &&
+                  v_cache.scalar_type() == type &&
                   k_cache.stride(4) == 1 && k_cache.stride(3) == k_cache.size(4) &&
                   k_cache.stride(2) == k_cache.size(3) * k_cache.stride(3) &&
                   k_cache.stride(1) == k_cache.size(2) * k_cache.stride(2),
-              "caches: float32 [layers, batch, kv_heads, capacity, head_dim], contiguous from the batch in");
+              "caches: float32, bfloat16 or float16 alike [layers, batch, kv_heads, capacity, head_dim], contiguous from "
+              "the batch in");
 }
 
 // attend_cached on q [B, H, 1, D] and k_new, v_new [B, Hkv, 1, D] (any strides with D contiguous).

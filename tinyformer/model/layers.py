@@ -227,6 +227,8 @@ class Attention(nn.Module):
                     return self.o_proj(cache.attend(self.layer_index, q, k, v, attn_mask, kernel).view(B, T, -1),
                                        residual)
                 k, v = cache.write(self.layer_index, k, v)
+                if k.dtype != q.dtype:  # a 16-bit cache (quant.cache_dtype) under float32 activations
+                    k, v = k.to(q.dtype), v.to(q.dtype)
         if record_attention:
             self.last_weights = _unfold(_attention_weights(q, k, attn_mask, is_causal), G, T)
         out = F.scaled_dot_product_attention(
@@ -390,6 +392,7 @@ class TransformerModel(nn.Module):
 
     config: ModelConfig
     compute_dtype: torch.dtype | None = None  # the activations' dtype when it differs from the weights' (quant)
+    cache_dtype: torch.dtype | None = None  # the KV cache's when it differs from the activations' (quant)
     _decode_stack: DecodeStack | None = None  # set by pack
 
     def _init_positions(self, config: ModelConfig) -> None:

@@ -75,8 +75,10 @@ def set_precision(model: nn.Module, dtype: str | None = None, quantize: str | No
     (norms, biases and activations stay float32, model.compute_dtype = float32), as llama.cpp and CTranslate2 do
     on CPUs: the 16-bit matrix kernels compute in float32 anyway, and a CPU without native bfloat16 (AVX2,
     AVX-512 without BF16) emulates bfloat16 attention and norms (measured on GPT-2-124M: 4.4 ms of a 17.5 ms step
-    outside the matrix products, against 2.7 in float32; the whole step ~7% faster in 6 alternating runs). The
-    price: the KV cache is float32 too, twice a 16-bit cache's bytes. Elsewhere (a GPU) the whole model is cast."""
+    outside the matrix products, against 2.7 in float32; the whole step ~7% faster in 6 alternating runs). The KV
+    cache holds keys and values in the 16-bit dtype (model.cache_dtype), as llama.cpp's f16 cache does: half the
+    bytes a decode step's attention reads (GPT-2-124M bfloat16 at batch 8: ~2.2 ms of a ~9.5 ms step in float32),
+    widened exactly as they are read. Elsewhere (a GPU) the whole model is cast."""
     check_precision(dtype, quantize)
     layers = linears(model)
     on_cpu = all(p.device.type == "cpu" for p in model.parameters())
@@ -90,10 +92,10 @@ def set_precision(model: nn.Module, dtype: str | None = None, quantize: str | No
             for m in model.modules():
                 if isinstance(m, (nn.Linear, nn.Embedding)) and m.weight.is_floating_point():
                     m.weight.data = m.weight.data.to(target)  # a tied head is the embedding's tensor: cast once
-            model.compute_dtype = torch.float32
+            model.compute_dtype, model.cache_dtype = torch.float32, target
         else:
             model.to(target)  # casts floating tensors only: int8 weights stay int8
-            model.compute_dtype = None
+            model.compute_dtype = model.cache_dtype = None
         for m, scale in scales:  # a scale rounded to 16 bits would shift its whole row by up to 0.4%
             m.weight_scale = scale.float()
     if quantize == "int8":
@@ -103,9 +105,15 @@ def set_precision(model: nn.Module, dtype: str | None = None, quantize: str | No
 
 
 def activation_dtype(model: nn.Module) -> torch.dtype:
-    """The dtype activations and the KV cache take: model.compute_dtype when set_precision chose one, else the
-    weights' (a model cast whole)."""
+    """The dtype activations take: model.compute_dtype when set_precision chose one, else the weights' (a model cast
+    whole)."""
     return getattr(model, "compute_dtype", None) or next(p.dtype for p in model.parameters() if p.is_floating_point())
+
+
+def cache_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of the KV cache's keys and values: model.cache_dtype when set_precision chose one (16-bit weights on
+    the CPU), else the activations'."""
+    return getattr(model, "cache_dtype", None) or activation_dtype(model)
 
 
 def pack(model: nn.Module) -> nn.Module:
