@@ -9,8 +9,9 @@ this trains a model first: char tokens, d_model 256, 4 layers, context 64 (weigh
 int8 scales and 7-bit activations are exercised), on ../shared/data/tinyshakespeare.txt. The held-out loss is the trainer's own
 validation split (the last 10% of the text; its first 32768 tokens by default), scored in non-overlapping context windows. With llama-cpp-python
 installed it also checks that llama.cpp, reading our GGUF export (f32), picks the same greedy tokens as we do.
-The last row scores int8 one token at a time, as batch-1 decoding runs it: through kernels.cpp's one-row product
-(activations quantized per block of 32) rather than fbgemm's several-row one (one 7-bit scale per call).
+The last rows score one token at a time, as batch-1 decoding runs: int8 through kernels.cpp's one-row product
+(activations quantized per block of 32) rather than fbgemm's several-row one (one 7-bit scale per call); bfloat16
+through its 16-bit KV cache (keys and values rounded to bfloat16 as they are stored).
 """
 from __future__ import annotations
 
@@ -27,7 +28,8 @@ import torch.nn.functional as F
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 PRECISIONS = (("float32", {}), ("bfloat16", {"dtype": "bfloat16"}), ("float16", {"dtype": "float16"}),
               ("int8", {"quantize": "int8"}), ("bfloat16 + int8", {"dtype": "bfloat16", "quantize": "int8"}),
-              ("int8, a token a step", {"quantize": "int8", "one_token": True}))
+              ("int8, a token a step", {"quantize": "int8", "one_token": True}),
+              ("bfloat16, a token a step", {"dtype": "bfloat16", "one_token": True}))
 
 
 def train_model(out: Path, data: Path, seconds: float, log) -> None:
@@ -46,7 +48,7 @@ def held_out_loss(lm, text: str, val_fraction: float, max_tokens: int, one_token
     cache, as decoding runs (int8 then goes through the one-row kernel, not the several-row one)."""
     from tinyformer.data import TokenData
     from tinyformer.generation.cache import KVCache
-    from tinyformer.model.quant import activation_dtype
+    from tinyformer.model.quant import cache_dtype
 
     window = lm.model.config.context_length
     ids = TokenData.from_text(text, lm.tokenizer, val_fraction, window).val.long()
@@ -57,7 +59,7 @@ def held_out_loss(lm, text: str, val_fraction: float, max_tokens: int, one_token
             if len(chunk) < 2:
                 break
             if one_token:
-                cache = KVCache(lm.model.config, 1, window, activation_dtype(lm.model))
+                cache = KVCache(lm.model.config, 1, window, cache_dtype(lm.model))
                 logits = torch.cat([lm.model(chunk[None, t:t + 1], cache=cache).float()
                                     for t in range(len(chunk) - 1)], dim=1)
             else:

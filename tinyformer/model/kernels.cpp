@@ -5,10 +5,11 @@
 //   panels of 8 output features (16 on AVX-512), for any number of rows. The residual stream, when given, is added
 //   as the output is stored: one small op less a sublayer.
 // - decode_attention: a decode step's attention, each row's one query over its cached keys (cached_decode_attention
-//   also writes the step's keys and values into the KV cache first).
+//   also writes the step's keys and values into the KV cache first); float32, bfloat16 or float16 caches.
 // - DecoderLayer, DecoderStack: a decoder block's decode step, and all of a decoder's, in one call.
 // Where the CPU has them, AVX-512 (panels of 16) and AVX-512 VNNI (int8) versions run instead, chosen at run time
-// (kernels.panel_width, kernels.int8_vnni), each giving the same bits as the AVX2 one.
+// (kernels.panel_width, kernels.int8_vnni), each giving the same bits as the AVX2 one; with AMX, bfloat16 weights
+// go through the tile unit (kernels.amx_bfloat16; its own rounding, ~3e-6 of the magnitude).
 //
 // int8: each activation row is quantized per block of 32 values to int8 with its own scale (llama.cpp's q8_0 does
 // the same), and each block's dot product is exact in int32: maddubs(|q|, sign(w, q)) multiplies |q| (unsigned) by

@@ -27,7 +27,8 @@ software. On a 2-core AVX-512 VM, GPT-2-124M at batch 8: int8 ~690 -> ~850 tok/s
 On CPUs with AMX (Sapphire Rapids and later) bfloat16 weights go through the tile unit (amx_bfloat16), each float32
 activation row carried as two bfloat16 rows (hi + lo: 16 significant bits, so the arithmetic stays within ~3e-6 of
 float32's); GPT-2-124M's 49 matrices at 1 / 8 rows 4.57 / 5.08 ms against AVX-512's 4.90 / 6.92, its bfloat16
-decode at batch 8 1.20x faster (6 of 6 alternating pairs).
+decode at batch 8 1.20x faster (6 of 6 alternating pairs). The attention kernels read float32 or 16-bit KV caches
+(16-bit weights keep 16-bit keys and values: quant.cache_dtype), widening them exactly.
 
 The build needs a C++ compiler (g++ or clang) and ninja (a dependency), and an x86-64 CPU with AVX2 and FMA (every
 such CPU also has F16C, which the float16 loads use); it
