@@ -1393,6 +1393,7 @@ struct DecoderStack : torch::CustomClassHolder {
   static constexpr int64_t kSplitRows = 16;  // the fewest rows a thread for each thread to step its own (see step)
   std::vector<c10::intrusive_ptr<DecoderLayer>> layers;
   int64_t weight_bytes = 0, weight_size = 1;  // the matrices' bytes, and the widest element's (4 float32, 1 int8)
+  bool tiles = false;  // some matrix runs on AMX, whose arithmetic never limits a decode step
 
   explicit DecoderStack(c10::List<c10::intrusive_ptr<DecoderLayer>> list) {
     for (const auto& layer : list) {
@@ -1401,6 +1402,7 @@ struct DecoderStack : torch::CustomClassHolder {
         if (m.weight.defined()) {
           weight_bytes += m.weight.nbytes();
           weight_size = std::max<int64_t>(weight_size, m.weight.element_size());
+          tiles = tiles || m.width == amx::kLayout;
         }
     }
   }
@@ -1409,11 +1411,12 @@ struct DecoderStack : torch::CustomClassHolder {
   // the weights comes from the last-level cache (they fit in half of it: an opus-mt-sized decoder's 104 MB float32,
   // batch-32 translation 1.10x greedy and beam 4, 9-10 of 10 alternating pairs), or when each weight byte read
   // does 16 or more FLOPs a thread anyway (GPT-2-124M bfloat16 at 32 rows, 1.05x; in float32, 8 FLOPs a byte
-  // from memory, it measured 0.91x; at 8 rows 0.93x / 0.75x).
+  // from memory, it measured 0.91x; at 8 rows 0.93x / 0.75x). Not for AMX matrices: GPT-2 bfloat16 on AMX at 32 /
+  // 64 rows ran 1.028x / 1.015x faster unsplit (4 of 4 / 2 of 4 alternating pairs).
   bool split(int64_t rows_per_thread) const {
     static const int64_t cache = std::max<long>(0, sysconf(_SC_LEVEL3_CACHE_SIZE));
     return rows_per_thread >= kSplitRows &&
-           (2 * weight_bytes <= cache || 2 * rows_per_thread >= 16 * weight_size);
+           (2 * weight_bytes <= cache || (!tiles && 2 * rows_per_thread >= 16 * weight_size));
   }
 
   at::Tensor step(at::Tensor x, at::Tensor k_cache, at::Tensor v_cache, int64_t slot, int64_t read,
