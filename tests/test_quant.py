@@ -238,6 +238,22 @@ def test_16_bit_weights_keep_float32_arithmetic_and_16_bit_keys_and_values_on_th
     torch.testing.assert_close(last, want[:, -1], rtol=0, atol=1e-2 * want.abs().max().item())
 
 
+def test_int8_weights_keep_keys_and_values_in_bfloat16():
+    from tinyformer.generation.decode import prefill
+
+    model = quant.pack(quant.set_precision(tiny_model("tiny", vocab_size=64, d_model=64), quantize="int8"))
+    assert quant.cache_dtype(model) == torch.bfloat16 and quant.activation_dtype(model) == torch.float32
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        last, cache = prefill(model, ids.tolist(), 0, room=4)
+        model.cache_dtype = None
+        last32, cache32 = prefill(model, ids.tolist(), 0, room=4)
+    assert cache.k.dtype == torch.bfloat16 and cache32.k.dtype == torch.float32
+    assert torch.equal(cache.k[0, :, :, :12], cache32.k[0, :, :, :12].bfloat16())
+    # rounded keys and values: ~1e-3 of the magnitude here; a lost or misplaced key is ~1e-1
+    torch.testing.assert_close(last, last32, rtol=0, atol=1e-2 * last32.abs().max().item())
+
+
 def _mapping_flags(address: int) -> dict:
     """/proc/self/smaps' fields for the mapping that holds `address`."""
     fields, inside = {}, False
