@@ -150,8 +150,13 @@ def test_cli_inspect_reports_weight_bytes_and_convert_quantizes_once(tmp_path, c
     # int8 matrices + an int8 head of its own + float32 scales, embeddings, norms, biases
     assert data["weight_bytes"] == matrices + c.vocab_size * c.d_model + 4 * (scales + floats)
     assert data["precision"] == {"dtype": "float32", "quantize": "int8"}
+    kv = data["kv_cache"]
+    assert kv["bytes"] == 2 * c.n_layers * c.d_model * kv["length"] * kv["batch"] * 2  # bfloat16 keys and values
+    assert main(["inspect", str(tmp_path / "ckpt"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["kv_cache"]["bytes"] == 2 * kv["bytes"]  # float32
     assert main(["inspect", str(tmp_path / "ckpt"), "--dtype", "bfloat16", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
+    assert data["kv_cache"]["bytes"] == kv["bytes"]
     # on the CPU: 16-bit matrices and embeddings (token + position), float32 norms and biases
     stored16 = matrices + (c.vocab_size + c.context_length) * c.d_model
     assert data["weight_bytes"] == 2 * stored16 + 4 * (lm.model.num_parameters() - stored16)
