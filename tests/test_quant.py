@@ -255,8 +255,11 @@ def test_int8_weights_keep_keys_and_values_in_bfloat16():
         last32, cache32 = prefill(model, ids.tolist(), 0, room=4)
     assert cache.k.dtype == torch.bfloat16 and cache32.k.dtype == torch.float32
     assert torch.equal(cache.k[0, :, :, :12], cache32.k[0, :, :, :12].bfloat16())
-    # rounded keys and values: ~1e-3 of the magnitude here; a lost or misplaced key is ~1e-1
-    torch.testing.assert_close(last, last32, rtol=0, atol=1e-2 * last32.abs().max().item())
+    # rounded keys and values: up to ~1e-2 of the magnitude here (the AVX2 path, fbgemm's 7-bit activations at
+    # several rows). This small random model hardly attends: a layer's values zeroed, or every row's cache read
+    # from another row, moves its logits by only 6-10%, so this guards against gross misreads; the rounding itself
+    # is checked exactly above and in test_kernels
+    torch.testing.assert_close(last, last32, rtol=0, atol=3e-2 * last32.abs().max().item())
 
 
 def _mapping_flags(address: int) -> dict:
