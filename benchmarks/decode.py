@@ -48,6 +48,15 @@ def copy_bandwidth(megabytes: int = 256, repeats: int = 8) -> float:
     return 2 * src.numel() * 4 / best
 
 
+def read_bandwidth(megabytes: int, repeats: int = 8) -> float:
+    """Bytes per second two threads read summing a tensor of this size, best of several: 64 MB stays in a large
+    last-level cache, 1 GB comes from memory. Other tenants of a VM's host move both by 20-40% from hour to hour,
+    and bandwidth-bound engines (ours) with them more than overhead-bound ones."""
+    x = torch.ones(megabytes * 2**20 // 4)
+    x.sum()
+    return x.numel() * 4 / min(_timed(x.sum) for _ in range(repeats))
+
+
 def _timed(fn) -> float:
     start = time.perf_counter()
     fn()

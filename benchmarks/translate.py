@@ -174,6 +174,9 @@ def speed(args) -> dict:
             names.append(f"ctranslate2 {compute_type}")
     except ImportError:
         print("ctranslate2 is not installed (pip install ctranslate2): its rows are skipped", file=sys.stderr)
+    from decode import read_bandwidth
+
+    bandwidth = [read_bandwidth(64), read_bandwidth(1024)]
     measured = {}
     # one process per engine, one after another, in rounds through all engines (the best of each cell is kept): the
     # VM's speed drifts by up to ~20% over minutes, and rounds spread every engine's samples over the whole run
@@ -198,7 +201,13 @@ def speed(args) -> dict:
             row[name] = {"sentences_per_s": measured[name][key]["sentences_per_s"], "agree": agree}
         results.append(row)
         _print_row(row, names)
-    return {"threads": args.threads, "new_tokens": NEW_TOKENS, "rows": results}
+    bandwidth += [read_bandwidth(64), read_bandwidth(1024)]
+    print("two threads read 64 MB (last-level cache) at {:.1f} / {:.1f} GB/s and 1 GB (memory) at {:.1f} / {:.1f} "
+          "GB/s, before / after: ours is bandwidth-bound at batch 1 and moves with these more than transformers"
+          .format(*(b / 1e9 for b in (bandwidth[0], bandwidth[2], bandwidth[1], bandwidth[3]))))
+    return {"threads": args.threads, "new_tokens": NEW_TOKENS, "rows": results,
+            "read_gb_s": {"64MB_before": bandwidth[0] / 1e9, "1GB_before": bandwidth[1] / 1e9,
+                          "64MB_after": bandwidth[2] / 1e9, "1GB_after": bandwidth[3] / 1e9}}
 
 
 def _print_row(row, names) -> None:
