@@ -113,6 +113,9 @@ class KVCache:
 
     def positions(self, T: int, new_mask: torch.Tensor | None) -> torch.Tensor:
         """Position ids of the new tokens: real tokens count up per row, padding repeats the last position."""
+        if new_mask is None and T == 1:  # a decode step: two small ops instead of six (next_position is >= 0)
+            positions, self.next_position = self.next_position.unsqueeze(1), self.next_position + 1
+            return positions
         if new_mask is None:
             steps = torch.arange(1, T + 1, device=self.next_position.device).expand(self.batch_size, T)
         else:

@@ -96,10 +96,12 @@ class SuppressTokens:
         if not all(isinstance(t, int) and t >= 0 for t in ids):
             raise GenerationError(f"suppress_token_ids must be non-negative token ids, got {token_ids}")
         self.ids = ids
+        self._index = None  # the ids as a tensor on the logits' device, made at the first call
 
     def __call__(self, logits: torch.Tensor, history: History) -> torch.Tensor:
-        logits[:, self.ids] = NEG_INF
-        return logits
+        if self._index is None or self._index.device != logits.device:
+            self._index = torch.tensor(self.ids, dtype=torch.long, device=logits.device)
+        return logits.index_fill_(-1, self._index, NEG_INF)  # one op; indexing with the list built an index a step
 
 
 class ForcedEOS:
