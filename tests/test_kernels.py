@@ -152,23 +152,23 @@ def test_with_vnni_the_int8_kernel_takes_up_to_16_rows(library, monkeypatch):
 
 
 def panel_product(library, x, w, bias=None, *residual, width=8):
-    packed = quant.amx_panels(w) if width == 32 else quant.panels(w, width)
+    packed = quant.amx_panels(w) if width == kernels.AMX_LAYOUT else quant.panels(w, width)
     return library.panel_linear(x, packed, width, bias, *residual)
 
 
-@pytest.fixture(params=[8, 16, 32], ids=["avx2", "avx512", "amx"])
+@pytest.fixture(params=[8, 16, kernels.AMX_LAYOUT], ids=["avx2", "avx512", "amx"])
 def width(request, library):
     """Each panel layout kernels.cpp has: 8 on every x86-64 CPU with AVX2, 16 where AVX-512 runs, 32 (bfloat16
     weights only) where AMX runs."""
-    if request.param == 32 and not library.has_amx():
+    if request.param == kernels.AMX_LAYOUT and not library.has_amx():
         pytest.skip("this CPU has no AMX")
-    if request.param not in library.panel_widths() + [32]:
+    if request.param not in library.panel_widths() + [kernels.AMX_LAYOUT]:
         pytest.skip("this CPU has no AVX-512")
     return request.param
 
 
 def only_bfloat16_on_amx(width, dtype):
-    if width == 32 and dtype != torch.bfloat16:
+    if width == kernels.AMX_LAYOUT and dtype != torch.bfloat16:
         pytest.skip("AMX panels hold bfloat16 weights")
 
 
@@ -231,7 +231,7 @@ def test_float_rows_equal_their_results_alone_at_any_batch_and_thread_count(libr
     # each output is the same FMA chain over k whatever the width, so AVX2 and AVX-512 give the same bits; AMX
     # sums bfloat16 products in its own order
     avx2 = panel_product(library, x, w, bias, width=8)
-    if width == 32:
+    if width == kernels.AMX_LAYOUT:
         torch.testing.assert_close(together, avx2, rtol=0, atol=2e-5 * avx2.abs().max().item())
     else:
         assert torch.equal(avx2, together)
@@ -256,7 +256,7 @@ def test_amx_keeps_the_activations_float32_precision_where_bfloat16_rows_would_n
     g = torch.Generator().manual_seed(11)
     x, w = torch.randn(8, 768, generator=g), torch.randn(96, 768, generator=g).bfloat16()
     expected = x.double() @ w.double().t()
-    error = (panel_product(library, x, w, width=32).double() - expected).abs().max()
+    error = (panel_product(library, x, w, width=kernels.AMX_LAYOUT).double() - expected).abs().max()
     rounded = (x.bfloat16().double() @ w.double().t() - expected).abs().max()  # hi alone, lo dropped
     assert error < rounded / 100
 
@@ -297,7 +297,7 @@ def test_float_kernel_runs_the_panels_at_any_number_of_rows(library, dtype):
     kernel = quant.make_kernel(weight, bias, None)
     assert isinstance(kernel, quant.FloatKernel) and kernel.panels is None  # made at the first product
     amx = dtype == torch.bfloat16 and kernels.amx_bfloat16()
-    assert kernel.width == (32 if amx else kernels.panel_width())
+    assert kernel.width == (kernels.AMX_LAYOUT if amx else kernels.panel_width())
     for shape in [(1, 1, 96), (2, 3, 96), (4, 40, 96)]:
         x = torch.randn(*shape, generator=g)
         y = kernel(x)

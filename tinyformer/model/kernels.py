@@ -134,8 +134,11 @@ def int8_vnni() -> bool:
             and torch.backends.cpu.get_cpu_capability() == "AVX512" and bool(ops.has_vnni()))
 
 
+AMX_LAYOUT = 32  # panel_linear's `width` for bfloat16 weights in quant.amx_panels' layout (amx::kLayout)
+
+
 def amx_bfloat16() -> bool:
-    """Whether bfloat16 weights go through kernels.cpp's AMX kernel on this CPU (panel_linear width 32, weights in
+    """Whether bfloat16 weights go through kernels.cpp's AMX kernel on this CPU (panel_linear width AMX_LAYOUT, in
     quant.amx_panels' layout): with AMX-BF16 and AVX-512 BF16, where Linux lets the process use the tiles, under
     panel_width's 16 conditions. TINYFORMER_KERNELS=avx512 keeps the AVX-512 kernel, to compare the two."""
     ops = library()

@@ -181,7 +181,8 @@ class FloatKernel:
         self.bias = None if bias is None else bias.detach().float().contiguous()
         library = kernels.library()
         self.own = library.panel_linear.default if library is not None else None
-        self.width = 32 if weight.dtype == torch.bfloat16 and kernels.amx_bfloat16() else kernels.panel_width()
+        amx = weight.dtype == torch.bfloat16 and kernels.amx_bfloat16()
+        self.width = kernels.AMX_LAYOUT if amx else kernels.panel_width()
         # the panels are made at the first product: a Linear whose product is fused with others' (FusedLinears)
         # never makes them, so no huge-page memory is spent on them
         self.panels, self.weight = None, weight.detach()
@@ -190,7 +191,7 @@ class FloatKernel:
 
     def _panels(self) -> torch.Tensor:
         if self.panels is None:
-            packed = amx_panels(self.weight) if self.width == 32 else panels(self.weight, self.width)
+            packed = amx_panels(self.weight) if self.width == kernels.AMX_LAYOUT else panels(self.weight, self.width)
             self.panels, self.weight = HUGE_PAGES.copy(packed), None
         return self.panels
 
