@@ -758,6 +758,37 @@ def test_argmax_rows_answers_as_torch_argmax_on_ties_infinities_and_nans(library
         library.argmax_rows(torch.zeros(3, 0))
 
 
+def test_topk_rows_gives_torchs_values_with_ties_in_index_order(library):
+    g = torch.Generator().manual_seed(12)
+    x = torch.randn(9, 32768, generator=g).log_softmax(-1)  # beam search's [sources, beams x vocabulary]
+    x[1] = torch.randint(-3, 3, (32768,), generator=g).float()  # thousands of ties at every value
+    x[2] = float("-inf")
+    x[2, [20000, 9, 31]] = torch.tensor([-1.0, -2.0, -1.0])  # three numbers, then -inf ties in index order
+    x[3, 32767] = 10.0  # the last value wins
+    x[4, [7, 4000]] = float("nan")  # torch ranks NaN first: this row goes to torch.topk
+    x[5, :] = 0.0
+    x[5, [100, 3]] = -0.0  # zeros of both signs tie
+    x[6, [5, 50]] = float("inf")
+    x[7, :3] = 5.0  # ties among the first k values, before the vectorised scan
+    x[8, 32760:] = 7.0  # ties in the tail past the last whole vector of 8
+    for k in (1, 3, 8, 64):
+        values, indices = library.topk_rows(x, k)
+        expected_values, _ = x.topk(k, dim=-1)
+        assert torch.equal(values.nan_to_num(), expected_values.nan_to_num()), k
+        assert torch.equal(x.gather(1, indices).nan_to_num(), values.nan_to_num()), k
+        for row in (0, 1, 2, 3, 5, 6, 7, 8):  # equal values in index order, the lowest indices kept
+            assert indices[row].tolist() == torch.sort(-x[row], stable=True).indices[:k].tolist(), (row, k)
+    assert library.topk_rows(x, 3)[1][2].tolist() == [31, 20000, 9]
+    assert library.topk_rows(x, 4)[1][2].tolist() == [31, 20000, 9, 0]
+    assert torch.equal(library.topk_rows(x, 2)[1][4], x[4].topk(2).indices)  # the NaN row: torch's answer
+    small = torch.randn(3, 5, generator=g)
+    assert torch.equal(kernels.topk(small, 5)[0], small.topk(5).values)
+    wide = torch.randn(2, 300, generator=g)
+    assert torch.equal(kernels.topk(wide, 100)[0], wide.topk(100).values)  # k over 64: torch's own
+    with pytest.raises(RuntimeError, match=r"k: 6 is not in \[1, min\(5, 64\)\]"):
+        library.topk_rows(small, 6)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_without_kernels_cpp_float_weights_go_through_torchs_products(monkeypatch, dtype):
     if dtype != torch.float32 and not quant._FBGEMM:

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..model import kernels
 from .decode import next_logits, prefill, rolls
 from .processors import NEG_INF, GenerationError, History
 
@@ -58,7 +59,7 @@ def beam_search_batch(model, prompts: list[list[int]], *, num_beams: int, max_ne
             logprobs = penalty(logprobs, history)
         # in place: one [rows, vocabulary] tensor less a step (4 MB at batch 32 x beam 4 x 8k tokens)
         totals = logprobs.add_(scores.unsqueeze(1)).view(len(active), group * vocab)
-        values, indices = totals.topk(min(2 * num_beams, group * vocab), dim=1)
+        values, indices = kernels.topk(totals, min(2 * num_beams, group * vocab))
         last_step = step == max_new_tokens - 1
         kept, parents, tokens, next_scores = [], [], [], []
         for i, (p, row_values, row_indices) in enumerate(zip(active, values.tolist(), indices.tolist())):

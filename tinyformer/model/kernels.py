@@ -1,7 +1,7 @@
 """tinyformer's own CPU kernels for inference (kernels.cpp), compiled on first use: int8 weights at one row,
 float32 and 16-bit weights at any number of rows (quant.Int8Kernel and FloatKernel say when each runs), the
 attention of a decode step (layers.Attention), a decoder's whole decode step in one call (DecoderLayer per block,
-DecoderStack for all: layers.DecodeStack) and greedy's argmax.
+DecoderStack for all: layers.DecodeStack), greedy's argmax and beam search's top-k.
 
 Why our own: in a decode step of one or a few rows each weight matrix is read once from memory, so the kernel's read
 bandwidth sets the speed. fbgemm's int8 kernel (what torch offers) streams GPT-2-124M's 49 int8 matrices (124 MB)
@@ -154,3 +154,17 @@ def argmax(x: torch.Tensor) -> torch.Tensor:
     if ops is not None and x.dtype == torch.float32 and x.device.type == "cpu" and x.is_contiguous() and x.dim():
         return ops.argmax_rows.default(x)
     return x.argmax(-1)
+
+
+MOST_TOP = 64  # the largest k kernels.cpp's topk_rows takes
+
+
+def topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x.topk(k, dim=-1) of a 2-D tensor, largest first, through kernels.cpp's topk_rows for contiguous float32 CPU
+    tensors (equal values in index order; torch.topk leaves their order open): one pass a row instead of torch's
+    selection, ~0.99 ms -> ~0.08 ms for beam search's 32 x 32768 step at batch 32, beam 4."""
+    ops = library()
+    if (ops is not None and x.dtype == torch.float32 and x.device.type == "cpu" and x.dim() == 2
+            and x.is_contiguous() and 1 <= k <= min(MOST_TOP, x.shape[1])):
+        return ops.topk_rows.default(x, k)
+    return x.topk(k, dim=-1)
