@@ -6,6 +6,7 @@ import torch
 
 from tinyformer import LanguageModel, get_tokenizer
 from tinyformer.generation import GenerationError, KVCache, TextTracker, beam_search, kv_cache_bytes
+from tinyformer.generation.cache import BufferPool
 from tinyformer.generation.processors import (History, MinP, NoRepeatNGram, PresenceFrequencyPenalty,
                                               RepetitionPenalty, Temperature, TopK, TopP)
 
@@ -66,6 +67,46 @@ def test_kv_cache_bytes_formula():
     model = tiny_model("llama-tiny")  # 2 layers, 2 kv heads, head dim 8
     assert kv_cache_bytes(model.config, batch_size=3, length=10) == 2 * 2 * 2 * 8 * 10 * 3 * 4
     assert KVCache(model.config, 3, 10).nbytes() == kv_cache_bytes(model.config, 3, 10)
+
+
+def test_buffer_pool_reuses_a_buffer_only_when_nothing_else_refers_to_it():
+    pool = BufferPool(limit=4000)
+    kept = torch.empty(10, 10)
+    address = kept.data_ptr()
+    pool.give(kept)
+    del kept
+    reused = pool.take((10, 10), torch.float32, "cpu")
+    assert reused.data_ptr() == address and not pool.spare
+    assert pool.take((10, 10), torch.float32, "cpu").data_ptr() != address  # handed out once only
+    assert pool.take((10, 10), torch.float64, "cpu").dtype == torch.float64  # no match: a new one
+    view = reused[2:4]
+    pool.give(reused)
+    del reused
+    assert pool.take((10, 10), torch.float32, "cpu").data_ptr() != address  # a view of it lives: not reused
+    held = torch.empty(3)
+    pool.give(held)
+    assert pool.take((3,), torch.float32, "cpu") is not held  # its owner still holds it
+    pool.give(torch.empty(500), torch.empty(500), torch.empty(10))  # 4040 bytes > 4000: the oldest goes
+    assert [b.shape[0] for b in pool.spare] == [500, 10]
+    pool.give(view)  # a view is never kept
+    assert len(pool.spare) == 2
+    with torch.inference_mode():
+        made = torch.empty(7)
+        address = made.data_ptr()
+        pool.give(made)
+        del made
+    outside = pool.take((7,), torch.float32, "cpu")  # an inference tensor could not be written outside that mode
+    assert outside.data_ptr() != address and not outside.is_inference()
+    with torch.inference_mode():
+        assert pool.take((7,), torch.float32, "cpu").data_ptr() == address
+
+
+def test_generations_after_reused_cache_buffers_are_unchanged():
+    lm = char_lm("tiny", context_length=32)
+    first = lm.generate(["All:", "Speak"], max_new_tokens=12, num_beams=3)
+    with_garbage = [lm.generate(["Before we", "x"], max_new_tokens=20, num_beams=2)]  # fills the pool's buffers
+    assert lm.generate(["All:", "Speak"], max_new_tokens=12, num_beams=3) == first
+    assert with_garbage[0] == lm.generate(["Before we", "x"], max_new_tokens=20, num_beams=2)
 
 
 # ---------------------------------------------------------------- batching

@@ -52,7 +52,9 @@ def beam_search_batch(model, prompts: list[list[int]], *, num_beams: int, max_ne
     active, group = list(range(len(prompts))), 1  # prompts still searching (in row order), rows per prompt
     scores = torch.zeros(len(prompts), device=logits.device)  # each row's sum of log-probabilities
     for step in range(max_new_tokens):
-        logprobs = logits.float().log_softmax(-1)
+        logprobs = logits.float()  # written over: the step's logits are not read again
+        logprobs = (torch.log_softmax(logprobs, -1, out=logprobs) if logprobs.is_contiguous()
+                    else logprobs.log_softmax(-1))
         history = History([searches[p].prompt + tokens for p in active for tokens in searches[p].running],
                           generated=step)
         for penalty in penalties:
