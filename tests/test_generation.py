@@ -99,6 +99,10 @@ def test_buffer_pool_reuses_a_buffer_only_when_nothing_else_refers_to_it():
     assert outside.data_ptr() != address and not outside.is_inference()
     with torch.inference_mode():
         assert pool.take((7,), torch.float32, "cpu").data_ptr() == address
+    pool.give(torch.empty(4, device="meta"))  # CPU memory only
+    assert len(pool.spare) == 2
+    pool.clear()
+    assert not pool.spare
 
 
 def test_generations_after_reused_cache_buffers_are_unchanged():

@@ -17,7 +17,7 @@ class BufferPool:
     the kernel, so every generation paid again: ~14,600 page faults in a batch-32 beam-4 translation (its 128
     rows x 17 slots are 53 MB): with the pool it ran 1.030x faster (8 of 8 alternating pairs). A buffer is handed
     out again only once nothing else refers to its memory (no view of it lives); the pool keeps at most `limit`
-    bytes."""
+    bytes, of CPU memory only (CUDA has its own caching allocator); `clear()` lets them go."""
 
     def __init__(self, limit: int = 512 << 20):
         # reentrant: a garbage collection inside take or give may end a cache, whose __del__ gives
@@ -42,10 +42,15 @@ class BufferPool:
             return
         with self._lock:
             for buffer in buffers:
-                if buffer is not None and buffer._base is None and buffer.is_contiguous():
+                if (buffer is not None and buffer._base is None and buffer.is_contiguous()
+                        and buffer.device.type == "cpu"):
                     self.spare.append(buffer)
             while sum(b.nbytes for b in self.spare) > self.limit:
                 self.spare.pop(0)  # the oldest first
+
+    def clear(self) -> None:
+        with self._lock:
+            self.spare.clear()
 
     def _free(self, buffer: torch.Tensor) -> bool:
         """No other reference to the tensor (3: the caller's, the argument's, getrefcount's) and no view of its
@@ -97,7 +102,7 @@ class KVCache:
         self._unpadded = None
 
     def __del__(self):
-        if POOL is not None:  # None while the interpreter shuts down
+        if POOL is not None and hasattr(self, "v"):  # POOL is None while the interpreter shuts down
             POOL.give(self.k, self.v, *(getattr(self, "_spare", None) or ()))
 
     def set_memory(self, memory: torch.Tensor, memory_mask) -> None:
