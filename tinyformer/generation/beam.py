@@ -55,10 +55,11 @@ def beam_search_batch(model, prompts: list[list[int]], *, num_beams: int, max_ne
         logprobs = logits.float()  # written over: the step's logits are not read again
         logprobs = (torch.log_softmax(logprobs, -1, out=logprobs) if logprobs.is_contiguous()
                     else logprobs.log_softmax(-1))
-        history = History([searches[p].prompt + tokens for p in active for tokens in searches[p].running],
-                          generated=step)
-        for penalty in penalties:
-            logprobs = penalty(logprobs, history)
+        if penalties:  # the rows' token lists, built only when a penalty reads them
+            history = History([searches[p].prompt + tokens for p in active for tokens in searches[p].running],
+                              generated=step)
+            for penalty in penalties:
+                logprobs = penalty(logprobs, history)
         # in place: one [rows, vocabulary] tensor less a step (4 MB at batch 32 x beam 4 x 8k tokens)
         totals = logprobs.add_(scores.unsqueeze(1)).view(len(active), group * vocab)
         values, indices = kernels.topk(totals, min(2 * num_beams, group * vocab))

@@ -276,10 +276,10 @@ class KVCache:
             used = min(self.length, self.capacity)
             shape = (self.k.shape[0], len(rows)) + self.k.shape[2:]
             k, v = POOL.take(shape, self.k.dtype, self.k.device), POOL.take(shape, self.v.dtype, self.v.device)
-            POOL.give(self.k, self.v)
             torch.index_select(self.k[:, :, :, :used], 1, rows, out=k[:, :, :, :used])
             torch.index_select(self.v[:, :, :, :used], 1, rows, out=v[:, :, :, :used])
-            self.k, self.v = k, v
+            (self.k, self.v), old = (k, v), (self.k, self.v)
+            POOL.give(*old)  # once read: nothing of this cache refers to them any more
         self.key_valid = self.key_valid.index_select(0, rows)
         self.next_position = self.next_position.index_select(0, rows)
         self.padded = self.padded and not bool(self.key_valid[:, :min(self.length, self.capacity)].all())
