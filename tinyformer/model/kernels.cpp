@@ -564,8 +564,13 @@ namespace wide {
 constexpr int64_t kWidth = 16;
 // Each panel's stream is prefetched this many bytes ahead. Without it (the hardware prefetcher alone) GPT-2 decodes
 // ran 1.25x slower in bfloat16 and 1.02x in float32 at batch 1, 1.16x and 1.20x at batch 8 (alternating pairs,
-// 6-8 of 8); 1024, 2048 and 4096 bytes measured alike.
-constexpr int64_t kPanelAhead = 1024;
+// 6-8 of 8). Tiles of up to 4 rows stream the weight from memory at a few cycles a k: 1024 bytes ahead (4096
+// measured 0.988x at GPT-2 float32 batch 1, 3 of 10 pairs). Tiles of 5-8 rows spend ~12 cycles a k, and the first
+// row tile of a 64-row block waits on the last-level cache for its panels: 4096 bytes ahead ran a batch-32 beam-4
+// translation 1.046x (15 of 16 pairs) and batch-32 greedy 1.027x (15 of 16), GPT-2 float32 at batch 8 1.029x
+// (10 of 10); 2048 was within 2% of 4096, 6144 and 8192 below both. Half an hour later, the host's other tenants
+// quieter, the same change measured 0.998x (14 of 30 decoder steps): it helps when the cache is slow to answer.
+constexpr int64_t kPanelAhead = 1024, kPanelAheadWide = 4096;
 
 inline __m512 load16(const float* w) { return _mm512_loadu_ps(w); }
 inline __m512 load16(const at::Half* w) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w))); }
@@ -599,7 +604,8 @@ void tile(const float* __restrict x, int64_t K, const Weight* __restrict w, int6
 #pragma GCC unroll 8
     for (int p = 0; p < P; p++) {
       if (!Masked)
-        _mm_prefetch(reinterpret_cast<const char*>(w + p * panel_stride + k * k_stride) + kPanelAhead, _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(w + p * panel_stride + k * k_stride) + (R > 4 ? kPanelAheadWide : kPanelAhead),
+                     _MM_HINT_T0);
       b[p] = Masked ? load16(w + k * k_stride, mask) : load16(w + p * panel_stride + k * k_stride);
     }
 #pragma GCC unroll 8
