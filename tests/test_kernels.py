@@ -396,6 +396,29 @@ def test_decode_attention_ignores_masked_keys_bit_for_bit(library):
 
 
 @needs_kernels
+def test_packed_attention_equals_padded_attention_bit_for_bit(library):
+    g = torch.Generator().manual_seed(8)
+    lengths, H, D = [5, 0, 11, 1, 8], 4, 24  # an empty source too
+    qkv = torch.randn(sum(lengths), 3 * H * D, generator=g)
+    starts = torch.tensor([0] + lengths).cumsum(0)
+    out = library.packed_attention(qkv, starts, H)
+    assert out.shape == (sum(lengths), H * D)
+    for b, n in enumerate(lengths):  # each source alone, through the padded-layout kernel and in float64
+        if n == 0:
+            continue
+        q, k, v = qkv[starts[b]:starts[b + 1]].view(n, 3, H, D).permute(1, 2, 0, 3).unsqueeze(1)
+        alone = library.decode_attention(q, k, v, None)  # [1, n, H, D]
+        assert torch.equal(out[starts[b]:starts[b + 1]], alone.view(n, H * D))
+        expected = torch.softmax(q.double() @ k.double().transpose(-1, -2) / D ** 0.5, -1) @ v.double()
+        torch.testing.assert_close(out[starts[b]:starts[b + 1]].double(),
+                                   expected[0].transpose(0, 1).reshape(n, H * D), rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match=r"starts: from 0 to 25 tokens, got 0 to 24"):
+        library.packed_attention(qkv, starts - torch.tensor([0, 0, 0, 0, 0, 1]), H)
+    with pytest.raises(RuntimeError, match=r"qkv: contiguous float32 \[tokens, 3 x 5 x head_dim\]"):
+        library.packed_attention(qkv, starts, 5)
+
+
+@needs_kernels
 def test_cached_decode_attention_writes_the_slot_then_attends(library):
     g = torch.Generator().manual_seed(9)
     k_cache, v_cache = torch.randn(3, 2, 4, 10, 64, generator=g), torch.randn(3, 2, 4, 10, 64, generator=g)

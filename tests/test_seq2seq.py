@@ -74,7 +74,8 @@ def packed(model: Seq2Seq) -> Seq2Seq:
     """The model as tinyformer.load leaves it: weights in panels, attention through kernels.cpp where it runs."""
     model.pack_for_inference()
     if kernels.library() is not None:  # the encoder's attention goes through kernels.cpp, not SDPA
-        assert all(block.attn._attend_kernel is not None for block in model.encoder)
+        assert all(block.attn._attend_kernel is not None and block.attn._packed_kernel is not None
+                   for block in model.encoder)
     return model
 
 

@@ -1100,6 +1100,44 @@ at::Tensor attend(const Strided& q, const StridedOf<Key>& k, const StridedOf<Key
   return y;
 }
 
+// Attention over packed tokens (an encoder's, layers.Unpadded): qkv [N, 3 * H * D], each token's q, k and v side by
+// side (the fused product), sources one after another, source b's tokens [starts[b], starts[b + 1]) -> [N, H * D],
+// each token attending to its own source's tokens only: the same bits as attend() on the padded layout with the
+// padding masked (attend_row skips masked keys exactly), without unpacking q, k and v to that layout and packing the
+// output back (~0.2 ms a layer for the translation benchmark's 32 sources), or attending from padding queries.
+at::Tensor packed_attention(const at::Tensor& qkv, const at::Tensor& starts, int64_t H) {
+  TORCH_CHECK(qkv.dim() == 2 && qkv.scalar_type() == at::kFloat && qkv.is_contiguous() && H > 0 &&
+                  qkv.size(1) % (3 * H) == 0,
+              "qkv: contiguous float32 [tokens, 3 x ", H, " x head_dim], got ", qkv.sizes());
+  const int64_t N = qkv.size(0), D = qkv.size(1) / (3 * H), row = 3 * H * D;
+  TORCH_CHECK(starts.dim() == 1 && starts.size(0) >= 2 && starts.scalar_type() == at::kLong && starts.is_contiguous(),
+              "starts: int64 [sources + 1]");
+  const int64_t* start = starts.data_ptr<int64_t>();
+  const int64_t B = starts.size(0) - 1;
+  TORCH_CHECK(start[0] == 0 && start[B] == N, "starts: from 0 to ", N, " tokens, got ", start[0], " to ", start[B]);
+  int64_t longest = 0;
+  for (int64_t b = 0; b < B; b++) {
+    TORCH_CHECK(start[b] <= start[b + 1], "starts: not in order at source ", b);
+    longest = std::max(longest, start[b + 1] - start[b]);
+  }
+  auto y = at::empty({N, H * D}, qkv.options());
+  const float* X = qkv.data_ptr<float>();
+  float* Y = y.data_ptr<float>();
+  const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(1, longest * D));
+  at::parallel_for(0, N * H, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores(longest);
+    for (int64_t i = begin; i < end; i++) {
+      const int64_t n = i / H, h = i % H;
+      const int64_t b = std::upper_bound(start, start + B + 1, n) - start - 1, first = start[b];
+      const RowKeys<float> kv{X + first * row + H * D + h * D, X + first * row + 2 * H * D + h * D, row, row,
+                              nullptr, 0, 0};
+      attend_row(X + n * row + h * D, kv, nullptr, 0, start[b + 1] - first, D, scale, scores.data(), Y + n * H * D + h * D);
+    }
+  });
+  return y;
+}
+
 // attend() on tensors: q [B, H, T, D], k and v [B, Hkv, S, D], any strides with D contiguous.
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                             const c10::optional<at::Tensor>& mask) {
@@ -1572,4 +1610,5 @@ TORCH_LIBRARY(tinyformer, m) {
         "int read, Tensor? mask, Tensor? rows=None) -> Tensor", &cached_decode_attention_fused);
   m.def("argmax_rows(Tensor x) -> Tensor", &argmax_rows);
   m.def("topk_rows(Tensor x, int k) -> (Tensor, Tensor)", &topk_rows);
+  m.def("packed_attention(Tensor qkv, Tensor starts, int heads) -> Tensor", &packed_attention);
 }

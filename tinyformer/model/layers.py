@@ -144,6 +144,7 @@ class Attention(nn.Module):
         self._qkv: FusedLinears | None = None
         self._decode_kernel = None  # kernels.cpp's op for a decode step's attention, set by pack
         self._attend_kernel = None  # kernels.cpp's attention without a cache (an encoder's), set by pack
+        self._packed_kernel = None  # the same on packed tokens (layers.Unpadded), set by pack
         self._fused_decode_kernel = None  # the same on the fused q/k/v product (self-attention)
 
     def pack(self) -> None:
@@ -155,6 +156,8 @@ class Attention(nn.Module):
         # GPT-2 step's time outside the matrix products
         if library is not None:
             self._attend_kernel = library.decode_attention.default
+            if not self.cross and self.n_kv_heads == self.n_heads:
+                self._packed_kernel = library.packed_attention.default
             self._decode_kernel = (library.decode_attention if self.cross else library.cached_decode_attention).default
             if not self.cross and self.n_kv_heads == self.n_heads:
                 self._fused_decode_kernel = library.cached_decode_attention_fused.default
@@ -220,6 +223,11 @@ class Attention(nn.Module):
                     and self._fused_decode_kernel is not None):  # the views of q, k and v taken in the kernel
                 out = cache.attend_fused(self.layer_index, fused, attn_mask, self._fused_decode_kernel)
                 return self.o_proj(out.view(B, T, -1), residual)
+            if (unpadded is not None and fused is not None and self._packed_kernel is not None and cache is None
+                    and rope is None and not is_causal and not record_attention and fused.dtype == torch.float32
+                    and fused.device.type == "cpu" and not self.training and not torch.is_grad_enabled()):
+                # an encoder's packed tokens attend to their own source's: no padded layout at all
+                return self.o_proj(self._packed_kernel(fused, unpadded.starts, self.n_heads), residual)
             q, k, v = self._project_qkv(x, B, T, unpadded, fused)
             G = 1
             if rope is not None:
@@ -257,6 +265,8 @@ class Unpadded:
     def __init__(self, valid: torch.Tensor):
         self.shape = valid.shape
         self.index = valid.reshape(-1).nonzero().squeeze(1)
+        # where each source's tokens start among the packed ones (and the end): kernels.cpp's packed attention
+        self.starts = F.pad(valid.sum(1).cumsum(0), (1, 0))
 
     def pack(self, x: torch.Tensor) -> torch.Tensor:
         """[B, S, ...] -> [tokens, ...]"""
