@@ -197,8 +197,8 @@ class Attention(nn.Module):
     def forward(self, x, rope, mask, cache, record_attention: bool = False, memory=None, unpadded=None,
                 residual=None):
         """x [B, T, d_model], or the real tokens [N, d_model] of a padded batch when `unpadded` (an Unpadded) is
-        given: projections then run on the N tokens and attention on the padded [B, T] layout. `residual` (shaped
-        like the output) is added to the output."""
+        given: projections then run on the N tokens, and attention on them too through kernels.cpp (else on the
+        padded [B, T] layout). `residual` (shaped like the output) is added to the output."""
         B, T = unpadded.shape if unpadded is not None else x.shape[:2]
         attn_mask, is_causal = mask
         # A decode step (one query a row) on the CPU in float32 runs through kernels.cpp: SDPA's CPU kernel spreads
@@ -259,7 +259,7 @@ class Attention(nn.Module):
 class Unpadded:
     """The real tokens of a padded batch, valid: bool [B, S], packed into one [tokens, ...] tensor, so that the
     position-wise work of a layer (projections, feed-forward, norms, residuals) skips the padding and only attention
-    sees the padded layout (CTranslate2's Padder does the same). The sources of a translation batch differ in length:
+    sees the padded layout (CTranslate2's Padder does the same; kernels.cpp's packed attention not even that). The sources of a translation batch differ in length:
     in the benchmark's batch of 32 sources of 7-13 tokens, 23% of the encoder's rows were padding."""
 
     def __init__(self, valid: torch.Tensor):
