@@ -681,7 +681,10 @@ void panel_rows(int64_t rows, const float* x, int64_t K, const Weight* W, int64_
 }
 
 // Up to 8 rows the weight streams from memory once, each thread taking an even share of the panels; beyond, units
-// of 64 rows x 3 panels go to whichever thread is free (as in the AVX2 kernel).
+// of 64 rows x 3 panels go to whichever thread is free (as in the AVX2 kernel), a group of panels' row blocks one
+// after another, so the threads read a group's weights from the last-level cache about once, not once a block: an
+// opus-mt encoder layer's four matrices cycled over 6-12 layers' weights ran 1.017-1.025x at 128-335 rows (14-17 of
+// 20 pairs), batch-32 greedy translation 1.031x / 1.034x (10 and 12 of 16), beam 4 1.009x (9 of 12).
 template <class Weight>
 void panel_product(const float* X, const Weight* W, const float* bias, int64_t M, int64_t N, int64_t K, float* Y,
                    const float* R) {
@@ -695,7 +698,7 @@ void panel_product(const float* X, const Weight* W, const float* bias, int64_t M
   constexpr int64_t kGroupPanels = 3;
   const int64_t groups = (panels + kGroupPanels - 1) / kGroupPanels, blocks = (M + kRowBlock - 1) / kRowBlock;
   run_units(groups * blocks, [&](int64_t i) {
-    const int64_t m0 = i / groups * kRowBlock, p0 = i % groups * kGroupPanels;
+    const int64_t m0 = i % blocks * kRowBlock, p0 = i / blocks * kGroupPanels;
     panel_rows(std::min(kRowBlock, M - m0), X + m0 * K, K, W, full, tail, p0, std::min(panels, p0 + kGroupPanels),
                Y + m0 * N, N, bias, R ? R + m0 * N : nullptr);
   });
