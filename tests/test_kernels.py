@@ -735,6 +735,36 @@ def test_blocks_whose_weight_changed_after_packing_step_through_python(library):
 
 
 @needs_kernels
+def test_a_generation_checks_the_packed_weights_once_not_every_step(library):
+    from tinyformer.generation import TokenStream
+    from tinyformer.model.layers import DecodeStack, Linear
+
+    model = tiny_model("tiny", vocab_size=64).pack_for_inference()
+    checks, inside = [], []
+    version, takes = Linear._weight_version, DecodeStack.takes
+
+    def counted_takes(self, *args):
+        before = len(checks)
+        result = takes(self, *args)
+        inside.append(len(checks) - before)  # weight versions read by this step's check
+        return result
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Linear, "_weight_version", lambda self: checks.append(1) or version(self))
+        patch.setattr(DecodeStack, "takes", counted_takes)
+        for _ in range(2):  # a new generation (a new cache) checks again
+            assert len([s for s in TokenStream(model, [[5, 9, 2, 40, 7]], max_new_tokens=6)]) == 6
+    linears = len(model._decode_stack.linears)
+    assert inside == [0, linears, 0, 0, 0, 0] * 2  # the prompt (5 tokens) is no decode step
+    with torch.no_grad():
+        model.blocks[1].mlp.up.weight.mul_(1.5)  # between generations: the next one sees it and steps through Python
+    with pytest.MonkeyPatch.context() as patch:
+        calls = count_layer_steps(patch)
+        list(TokenStream(model, [[5, 9, 2, 40, 7]], max_new_tokens=6))
+    assert calls == []
+
+
+@needs_kernels
 def test_a_decoder_layer_refuses_bad_input_in_one_line(library):
     model = tiny_model("tiny", vocab_size=64).pack_for_inference()
     block = model.blocks[0]

@@ -97,6 +97,7 @@ class KVCache:
         # keys (see select); None: each row holds its own slots
         self.rows: torch.Tensor | None = None
         self._attended = False  # the last step attended through kernels.cpp (attend), which reads that table
+        self.checked_stack = None  # the model's DecodeStack once its weights were checked as packed (layers.py)
         self.memory = self.memory_mask = None  # seq2seq: encoder output [sources, S, D] and its key mask
         self.cross: list = []  # seq2seq: per decoder layer, (k, v) [sources, kv_heads, S, head_dim]
         self._unpadded = None
