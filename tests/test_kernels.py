@@ -811,6 +811,47 @@ def test_argmax_rows_answers_as_torch_argmax_on_ties_infinities_and_nans(library
         library.argmax_rows(torch.zeros(3, 0))
 
 
+@needs_kernels
+@pytest.mark.parametrize("group, vocab, k", [(4, 8000, 8), (1, 37, 5), (3, 21, 64), (2, 16, 1)])
+def test_beam_topk_equals_log_softmax_plus_scores_then_topk(library, group, vocab, k):
+    g = torch.Generator().manual_seed(14)
+    sources = 5
+    logits = torch.randn(sources * group, vocab, generator=g) * 4
+    scores = torch.randn(sources * group, generator=g) * 3
+    if group > 1:
+        logits[1], scores[1] = logits[0], scores[0]  # twin beams of one source: ties, kept in index order
+    scores[-1] = float("-inf")  # a dead beam (with group 1, a whole source: -inf ties in index order)
+    banned = torch.tensor([vocab - 1, 3])
+    logits[0, 3] = 50.0  # a banned token with the row's largest logit: never chosen, and still in the sum
+    k = min(k, group * vocab)
+    values, indices = library.beam_topk(logits.clone(), scores, group, k, banned)
+    # the reference in float64: log_softmax over every token, the banned ones then at -inf, + scores, top-k
+    logprobs = logits.double().log_softmax(-1)
+    logprobs[:, banned] = float("-inf")
+    totals = (logprobs + scores.double().unsqueeze(1)).view(sources, group * vocab)
+    expected = torch.sort(-totals, dim=1, stable=True).indices[:, :k]
+    assert indices.tolist() == expected.tolist()
+    torch.testing.assert_close(values.double(), totals.gather(1, indices), rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match=r"banned id 99999 is not in \[0, "):
+        library.beam_topk(logits, scores, group, k, torch.tensor([99999]))
+    with pytest.raises(RuntimeError, match=r"group: 7 does not divide"):
+        library.beam_topk(logits, scores, 7, 1, None)
+
+
+@needs_kernels
+def test_beam_topk_sends_a_source_with_a_nan_to_torch_topk(library):
+    logits = torch.randn(4, 40)
+    logits[2, 5] = float("nan")
+    values, indices = library.beam_topk(logits, torch.zeros(4), 2, 3, None)
+    assert torch.isnan(values[1, 0]) and indices[1, 0].item() == 5  # row 2 is source 1's first: at::topk ranks NaN first
+    assert torch.isfinite(values[0]).all()
+    # kernels.beam_topk on what kernels.cpp does not take (float64) gives torch's answer
+    clean = torch.randn(4, 40, dtype=torch.float64)
+    ours = kernels.beam_topk(clean.float(), torch.zeros(4), 2, 3)
+    theirs = kernels.beam_topk(clean, torch.zeros(4, dtype=torch.float64), 2, 3)
+    assert torch.equal(ours[1], theirs[1])
+
+
 def test_topk_rows_gives_torchs_values_with_ties_in_index_order(library):
     g = torch.Generator().manual_seed(12)
     x = torch.randn(9, 32768, generator=g).log_softmax(-1)  # beam search's [sources, beams x vocabulary]

@@ -704,6 +704,42 @@ void panel_product(const float* X, const Weight* W, const float* bias, int64_t M
   });
 }
 
+// e^x for a vector of x <= 0 (0 below -87, as float32 underflows there), as exp_nonpositive computes it (further
+// down, 8 lanes): 2^n e^r with n = round(x / ln 2), e^r by its Taylor polynomial to degree 6.
+inline __m512 exp_nonpositive16(__m512 x) {
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145752f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860677e-06f), r);
+  __m512 p = _mm512_set1_ps(1.0f / 720);
+  for (float c : {1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f}) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+  return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.0f), _CMP_GT_OQ), _mm512_scalef_ps(p, n));
+}
+
+// A log-softmax's row statistics: the largest of row[0, V) and log(sum(exp(row - largest))), 16 lanes at a time
+// (4 maxima and 2 sums side by side: one chain waited on each max's or add's latency).
+inline std::pair<float, float> log_sum_exp(const float* row, int64_t V) {
+  __m512 top[4];
+  for (auto& t : top) t = _mm512_set1_ps(-INFINITY);
+  int64_t i = 0;
+  for (; i + 64 <= V; i += 64)
+    for (int j = 0; j < 4; j++) top[j] = _mm512_max_ps(top[j], _mm512_loadu_ps(row + i + 16 * j));
+  for (; i < V; i += 16) {
+    const __mmask16 m = i + 16 <= V ? 0xFFFF : static_cast<__mmask16>((1u << (V - i)) - 1);
+    top[0] = _mm512_max_ps(top[0], _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), m, row + i));
+  }
+  const float largest = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(top[0], top[1]), _mm512_max_ps(top[2], top[3])));
+  const __m512 shift = _mm512_set1_ps(largest);
+  __m512 sum[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
+  for (i = 0; i + 32 <= V; i += 32)
+    for (int j = 0; j < 2; j++)
+      sum[j] = _mm512_add_ps(sum[j], exp_nonpositive16(_mm512_sub_ps(_mm512_loadu_ps(row + i + 16 * j), shift)));
+  for (; i < V; i += 16) {
+    const __mmask16 m = i + 16 <= V ? 0xFFFF : static_cast<__mmask16>((1u << (V - i)) - 1);
+    sum[0] = _mm512_add_ps(sum[0], exp_nonpositive16(_mm512_sub_ps(_mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), m, row + i), shift)));
+  }
+  return {largest, std::log(_mm512_reduce_add_ps(_mm512_add_ps(sum[0], sum[1])))};
+}
+
 }  // namespace wide
 
 #pragma GCC pop_options
@@ -1305,13 +1341,50 @@ at::Tensor argmax_rows(const at::Tensor& x) {
   return out;
 }
 
-constexpr int64_t kMostTop = 64;  // the largest k topk_rows takes
+constexpr int64_t kMostTop = 64;  // the largest k topk_rows and beam_topk take
+
+// The k largest of a sequence of values into best / where, largest first, equal values in index order (torch.topk
+// leaves their order open). Values are offered in index order: the first k always, then only those that may beat the
+// k-th best so far, which offer_all checks 8 at a time. A NaN offered is remembered (at::topk ranks NaN first;
+// callers fall back to it).
+struct TopK {
+  int64_t k, count = 0;
+  float* best;
+  int64_t* where;
+  bool nan = false;
+  bool full() const { return count == k; }
+  void offer(float v, int64_t i) {
+    if (std::isnan(v)) {
+      nan = true;
+    } else if (count < k || v > best[k - 1]) {  // after every kept value >= v: equal values stay in index order
+      int64_t j = count < k ? count++ : k - 1;
+      for (; j > 0 && best[j - 1] < v; j--) best[j] = best[j - 1], where[j] = where[j - 1];
+      best[j] = v, where[j] = i;
+    }
+  }
+  // the values f(i), i in [0, n), at indices offset + i; f8(i) is f(i .. i + 7) as a vector
+  template <class F, class F8>
+  void offer_all(int64_t n, int64_t offset, const F& f, const F8& f8) {
+    int64_t i = 0;
+    for (; i < n && !full() && !nan; i++) offer(f(i), offset + i);
+    for (; i + 8 <= n && !nan; i += 8) {  // greater than the k-th best, or unordered (a NaN)
+      int hits = _mm256_movemask_ps(_mm256_cmp_ps(f8(i), _mm256_set1_ps(best[k - 1]), _CMP_NLE_UQ));
+      for (; hits; hits &= hits - 1) offer(f(i + __builtin_ctz(hits)), offset + i + __builtin_ctz(hits));
+    }
+    for (; i < n && !nan; i++) offer(f(i), offset + i);
+  }
+  // row r of values / indices [R, k] is already written; when a NaN was offered, at::topk of values() instead
+  template <class Values>
+  void finish(at::Tensor& values, at::Tensor& indices, int64_t r, const Values& all) const {
+    if (!nan && full()) return;
+    const auto [v, w] = at::topk(all(), k);
+    values.select(0, r).copy_(v), indices.select(0, r).copy_(w);
+  }
+};
 
 // The k largest values of each row of x [R, V], largest first, and their indices: what x.topk(k) gives, with equal
-// values in index order (torch.topk leaves their order open). One pass a row: 8 values at a time are compared with
-// the k-th best so far, and the few that beat it are inserted into a sorted list of k. A row holding a NaN goes to
-// at::topk, which ranks NaN first. Beam search's step over [sources, beams x vocabulary] (benchmarks/translate.py:
-// 32 x 32768, k 8) took ~0.99 ms in at::topk, ~0.08 here: batch-32 beam-4 translation 1.032x (10 of 10 pairs).
+// values in index order. Beam search's step over [sources, beams x vocabulary] (benchmarks/translate.py: 32 x 32768,
+// k 8) took ~0.99 ms in at::topk, ~0.08 here: batch-32 beam-4 translation 1.032x (10 of 10 pairs).
 std::tuple<at::Tensor, at::Tensor> topk_rows(const at::Tensor& x, int64_t k) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x: contiguous float32 [rows, values]");
   const int64_t R = x.size(0), V = x.size(1);
@@ -1321,35 +1394,83 @@ std::tuple<at::Tensor, at::Tensor> topk_rows(const at::Tensor& x, int64_t k) {
   at::parallel_for(0, R, 1, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; r++) {
       const float* row = x.data_ptr<float>() + r * V;
-      float best[kMostTop];
-      int64_t where[kMostTop], count = 0;
-      bool nan = false;
-      auto insert = [&](float v, int64_t i) {  // after every kept value >= v: equal values stay in index order
-        int64_t j = count < k ? count++ : k - 1;
-        for (; j > 0 && best[j - 1] < v; j--) best[j] = best[j - 1], where[j] = where[j - 1];
-        best[j] = v, where[j] = i;
-      };
-      auto offer = [&](int64_t i) {
-        const float v = row[i];
-        if (std::isnan(v)) nan = true;
-        else if (count < k || v > best[k - 1]) insert(v, i);
-      };
-      int64_t i = 0;
-      for (; i < V && count < k; i++) offer(i);
-      for (; i + 8 <= V && !nan; i += 8) {
-        // greater than the k-th best, or unordered (a NaN)
-        int hits = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(row + i), _mm256_set1_ps(best[k - 1]), _CMP_NLE_UQ));
-        for (; hits; hits &= hits - 1) offer(i + __builtin_ctz(hits));
+      TopK top{k, 0, values.data_ptr<float>() + r * k, indices.data_ptr<int64_t>() + r * k};
+      top.offer_all(V, 0, [&](int64_t i) { return row[i]; }, [&](int64_t i) { return _mm256_loadu_ps(row + i); });
+      top.finish(values, indices, r, [&] { return x.select(0, r); });
+    }
+  });
+  return {values, indices};
+}
+
+// wide::log_sum_exp on CPUs without AVX-512: 8 lanes, exp_nonpositive.
+std::pair<float, float> log_sum_exp8(const float* row, int64_t V) {
+  __m256 top[4];
+  for (auto& t : top) t = _mm256_set1_ps(-INFINITY);
+  int64_t i = 0;
+  for (; i + 32 <= V; i += 32)
+    for (int j = 0; j < 4; j++) top[j] = _mm256_max_ps(top[j], _mm256_loadu_ps(row + i + 8 * j));
+  float lanes[8], largest = -INFINITY, sum = 0.0f;
+  _mm256_storeu_ps(lanes, _mm256_max_ps(_mm256_max_ps(top[0], top[1]), _mm256_max_ps(top[2], top[3])));
+  for (float v : lanes) largest = std::max(largest, v);
+  for (; i < V; i++) largest = std::max(largest, row[i]);
+  const __m256 shift = _mm256_set1_ps(largest);
+  __m256 sums[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+  for (i = 0; i + 16 <= V; i += 16)
+    for (int j = 0; j < 2; j++)
+      sums[j] = _mm256_add_ps(sums[j], exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(row + i + 8 * j), shift)));
+  _mm256_storeu_ps(lanes, _mm256_add_ps(sums[0], sums[1]));
+  for (float v : lanes) sum += v;
+  for (; i < V; i++) sum += std::exp(row[i] - largest);
+  return {largest, std::log(sum)};
+}
+
+// Beam search's step (generation/beam.py) in one pass a source: each row of logits x [R, V] to log-probabilities,
+// (x - max) - log(sum(exp(x - max))) as torch.log_softmax computes them, the banned token ids at -inf, plus the row's
+// score; then the k best of each source's `group` rows side by side ([R / group, group x V]), as topk_rows ->
+// values, indices [R / group, k]. The ATen ops it replaces (log_softmax in place, index_fill, add, topk) took ~0.55
+// ms a batch-32 beam-4 step over its 4 MB of logits. exp is a polynomial (log-probabilities equal torch's to
+// rounding, ~1e-6), 16 lanes with AVX-512.
+std::tuple<at::Tensor, at::Tensor> beam_topk(const at::Tensor& x, const at::Tensor& scores, int64_t group, int64_t k,
+                                             const c10::optional<at::Tensor>& banned) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x: contiguous float32 [rows, vocabulary]");
+  const int64_t R = x.size(0), V = x.size(1);
+  TORCH_CHECK(scores.dim() == 1 && scores.size(0) == R && scores.scalar_type() == at::kFloat && scores.is_contiguous(),
+              "scores: contiguous float32 [", R, "], got ", scores.sizes());
+  TORCH_CHECK(group >= 1 && R % group == 0, "group: ", group, " does not divide ", R, " rows");
+  TORCH_CHECK(k >= 1 && k <= group * V && k <= kMostTop, "k: ", k, " is not in [1, min(", group * V, ", ", kMostTop, ")]");
+  std::vector<int64_t> ban;
+  if (banned.has_value()) {
+    TORCH_CHECK(banned->dim() == 1 && banned->scalar_type() == at::kLong, "banned: int64 token ids [n]");
+    const at::Tensor ids = banned->contiguous();
+    ban.assign(ids.data_ptr<int64_t>(), ids.data_ptr<int64_t>() + ids.numel());
+    for (int64_t id : ban) TORCH_CHECK(0 <= id && id < V, "banned id ", id, " is not in [0, ", V, ")");
+    std::sort(ban.begin(), ban.end());
+  }
+  const int64_t sources = R / group;
+  auto values = at::empty({sources, k}, x.options());
+  auto indices = at::empty({sources, k}, x.options().dtype(at::kLong));
+  const float *X = x.data_ptr<float>(), *S = scores.data_ptr<float>();
+  std::vector<float> shift(R), log_sum(R);
+  auto total = [&](int64_t r, int64_t i) {  // one log-probability plus its row's score
+    return std::binary_search(ban.begin(), ban.end(), i) ? -INFINITY + S[r] : ((X[r * V + i] - shift[r]) - log_sum[r]) + S[r];
+  };
+  at::parallel_for(0, sources, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t s = begin; s < end; s++) {
+      TopK top{k, 0, values.data_ptr<float>() + s * k, indices.data_ptr<int64_t>() + s * k};
+      for (int64_t r = s * group; r < (s + 1) * group; r++) {
+        std::tie(shift[r], log_sum[r]) = has_avx512() ? wide::log_sum_exp(X + r * V, V) : log_sum_exp8(X + r * V, V);
+        const __m256 m8 = _mm256_set1_ps(shift[r]), c8 = _mm256_set1_ps(log_sum[r]), score8 = _mm256_set1_ps(S[r]);
+        // a banned token's vector value may pass the k-th best: total() then offers its -inf
+        top.offer_all(V, (r - s * group) * V, [&](int64_t i) { return total(r, i); }, [&](int64_t i) {
+          return _mm256_add_ps(_mm256_sub_ps(_mm256_sub_ps(_mm256_loadu_ps(X + r * V + i), m8), c8), score8);
+        });
       }
-      for (; i < V && !nan; i++) offer(i);
-      if (count < k) nan = true;  // a NaN among the first k: count stopped short
-      if (nan) {
-        const auto [v, w] = at::topk(x.select(0, r), k);
-        values.select(0, r).copy_(v), indices.select(0, r).copy_(w);
-        continue;
-      }
-      std::copy(best, best + k, values.data_ptr<float>() + r * k);
-      std::copy(where, where + k, indices.data_ptr<int64_t>() + r * k);
+      top.finish(values, indices, s, [&] {  // the same totals as a tensor, for at::topk
+        at::Tensor all = at::empty({group * V}, x.options());
+        for (int64_t g = 0; g < group; g++)
+          for (int64_t i = 0; i < V; i++) all.data_ptr<float>()[g * V + i] = total(s * group + g, i);
+        return all;
+      });
     }
   });
   return {values, indices};
@@ -1613,5 +1734,6 @@ TORCH_LIBRARY(tinyformer, m) {
         "int read, Tensor? mask, Tensor? rows=None) -> Tensor", &cached_decode_attention_fused);
   m.def("argmax_rows(Tensor x) -> Tensor", &argmax_rows);
   m.def("topk_rows(Tensor x, int k) -> (Tensor, Tensor)", &topk_rows);
+  m.def("beam_topk(Tensor x, Tensor scores, int group, int k, Tensor? banned) -> (Tensor, Tensor)", &beam_topk);
   m.def("packed_attention(Tensor qkv, Tensor starts, int heads) -> Tensor", &packed_attention);
 }

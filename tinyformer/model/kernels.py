@@ -168,3 +168,22 @@ def topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
             and x.is_contiguous() and 1 <= k <= min(MOST_TOP, x.shape[1])):
         return ops.topk_rows.default(x, k)
     return x.topk(k, dim=-1)
+
+
+def beam_topk(logits: torch.Tensor, scores: torch.Tensor, group: int, k: int,
+              banned: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Beam search's step: log_softmax of each row of logits [R, V], the banned token ids at -inf, plus each row's
+    score [R], then the k best of each source's `group` rows side by side ([R / group, group x V]) -> (values,
+    indices) [R / group, k], largest first, equal values in index order. kernels.cpp's beam_topk does it in one pass
+    a source for float32 CPU tensors (its exp is a polynomial: log-probabilities equal torch's to rounding); else
+    torch's ops (logits are written over)."""
+    ops = library()
+    R, V = logits.shape
+    if (ops is not None and logits.dtype == torch.float32 and logits.device.type == "cpu"
+            and scores.dtype == torch.float32 and 1 <= k <= min(MOST_TOP, group * V)):
+        return ops.beam_topk.default(logits.contiguous(), scores.contiguous(), group, k, banned)
+    logprobs = logits.float()
+    logprobs = torch.log_softmax(logprobs, -1, out=logprobs) if logprobs.is_contiguous() else logprobs.log_softmax(-1)
+    if banned is not None:
+        logprobs.index_fill_(-1, banned, float("-inf"))
+    return topk(logprobs.add_(scores.unsqueeze(1)).view(R // group, group * V), k)
