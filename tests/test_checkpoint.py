@@ -69,3 +69,25 @@ def test_missing_directory_is_a_clear_error(tmp_path):
 def test_save_leaves_no_temporary_files(saved):
     _, path = saved
     assert sorted(p.name for p in path.iterdir()) == ["char_vocab.json", "config.json", "model.safetensors"]
+
+
+def test_a_model_whose_weights_are_loaded_next_is_built_without_random_initialisation(saved):
+    import threading
+
+    from tinyformer.model import ModelConfig, build_model, weights_to_be_loaded
+
+    config = ModelConfig(vocab_size=40, d_model=32, n_layers=2, n_heads=4, context_length=16)
+    state = torch.get_rng_state()
+    with weights_to_be_loaded():
+        build_model(config)
+        assert torch.equal(torch.get_rng_state(), state)  # no random draws: nothing initialised
+        other = []  # a thread building meanwhile is not affected (a context variable)
+        thread = threading.Thread(target=lambda: other.append(build_model(config)))
+        thread.start()
+        thread.join()
+        assert not torch.equal(torch.get_rng_state(), state)
+    state = torch.get_rng_state()
+    build_model(config)
+    assert not torch.equal(torch.get_rng_state(), state)  # outside, models are initialised as before
+    model, _, _ = load_checkpoint(saved[1])  # and a loaded one still holds finite weights (bit-equal: above)
+    assert all(torch.isfinite(p).all() for p in model.parameters())

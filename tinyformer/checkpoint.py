@@ -15,7 +15,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .model import ConfigError, ModelConfig, build_model
+from .model import ConfigError, ModelConfig, build_model, weights_to_be_loaded
 from .model.quant import PrecisionError, check_precision, precision, set_precision
 from .tokenizers import Tokenizer, TokenizerError, load_tokenizer
 
@@ -165,7 +165,9 @@ def load_checkpoint(directory, device: str | torch.device = "cpu"):
     if metadata.get("step") is not None and metadata["step"] != str(config.get("step")):
         raise CheckpointError(f"{directory}: model.safetensors is from step {metadata['step']} but config.json "
                               f"from step {config.get('step')} (a save was interrupted)")
-    model = set_precision(build_model(model_config), saved_precision.get("dtype"), saved_precision.get("quantize"))
+    with weights_to_be_loaded():  # every weight is loaded next
+        model = build_model(model_config)
+    model = set_precision(model, saved_precision.get("dtype"), saved_precision.get("quantize"))
     load_state_into(model, state, directory)
     model = model.to(device).eval()
     if saved_precision.get("dtype") and any(p.device.type != "cpu" for p in model.parameters()):

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import CheckpointError, load_state_into, safe_torch_load
-from ..model import GPT, ConfigError, ModelConfig
+from ..model import GPT, ConfigError, ModelConfig, weights_to_be_loaded
 from ..tokenizers import TiktokenTokenizer
 
 # Token ids >= V (cl100k ids above the tutorial text's largest) are refused by tinyformer.generation's
@@ -40,7 +40,8 @@ def load_book(path, device="cpu"):
                              bias=True, lm_head_bias=True, tie_embeddings=False)
     except (ConfigError, TypeError) as error:
         raise CheckpointError(f"{path}: h_params cannot build a model: {error}") from None
-    model = GPT(config)
+    with weights_to_be_loaded():  # every weight is loaded next
+        model = GPT(config)
     load_state_into(model, book_to_tinyformer(state, config, path), path)
     info = {"format": "book", "model": config.to_dict(), "source": str(path), "h_params": dict(h)}
     return model.to(device).eval(), TiktokenTokenizer("cl100k_base"), info

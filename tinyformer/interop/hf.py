@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 
 from ..checkpoint import (CheckpointError, load_state_into, load_weights, read_json_object, safe_torch_load,
                           standalone)
-from ..model import GPT, ConfigError, ModelConfig
+from ..model import GPT, ConfigError, ModelConfig, weights_to_be_loaded
 from ..model.quant import require_float
 from ..tokenizers import HFTokenizer
 
@@ -56,7 +56,8 @@ def load_hf(path, device="cpu"):
     weights = _Weights(read_hf_weights(path), str(path))
     state = _from_gpt2(weights, config) if model_type == "gpt2" else _from_llama(weights, config, hf)
     weights.finish()
-    model = GPT(config)
+    with weights_to_be_loaded():  # every weight is loaded next
+        model = GPT(config)
     load_state_into(model, state, path)
     info = {"format": "hf", "model_type": model_type, "model": config.to_dict(), "source": str(path)}
     return model.to(device).eval(), _hf_tokenizer(path, hf), info, None

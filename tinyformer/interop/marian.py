@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import CheckpointError, load_state_into, read_json_object, standalone
-from ..model import ConfigError, ModelConfig
+from ..model import ConfigError, ModelConfig, weights_to_be_loaded
 from ..model.seq2seq import Seq2Seq
 from ..tokenizers import HFTokenizer, SentencePieceTokenizer, TokenizerError
 
@@ -83,7 +83,8 @@ def load_marian(path: Path, hf: dict, device="cpu"):
     config = _embedding_layout(weights, config)
     state = _from_marian(weights, config)
     weights.finish()
-    model = Seq2Seq(config)
+    with weights_to_be_loaded():  # every weight is loaded next
+        model = Seq2Seq(config)
     load_state_into(model, state, path)
     tokenizer, source_tokenizer = marian_tokenizers(path, hf)
     info = {"format": "hf", "model_type": "marian", "model": config.to_dict(), "source": str(path),

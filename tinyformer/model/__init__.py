@@ -1,5 +1,6 @@
 from .config import PRESETS, ConfigError, ModelConfig, preset
 from .gpt import GPT
+from .layers import weights_to_be_loaded
 from .seq2seq import Seq2Seq
 
 
@@ -9,4 +10,4 @@ def build_model(config: ModelConfig):
     return Seq2Seq(config) if config.architecture == "seq2seq" else GPT(config)
 
 
-__all__ = ["GPT", "Seq2Seq", "build_model", "ModelConfig", "ConfigError", "PRESETS", "preset"]
+__all__ = ["GPT", "Seq2Seq", "build_model", "weights_to_be_loaded", "ModelConfig", "ConfigError", "PRESETS", "preset"]

@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 
 from .config import ModelConfig
-from .layers import Block, Linear, TransformerModel, make_norm
+from .layers import Block, Embedding, Linear, TransformerModel, make_norm
 
 
 class GPT(TransformerModel):
@@ -13,7 +13,7 @@ class GPT(TransformerModel):
         super().__init__()
         config.validate()
         self.config = config
-        self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)
+        self.tok_emb = Embedding(config.vocab_size, config.d_model)
         self._init_positions(config)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
         self.norm = make_norm(config) if config.final_norm else nn.Identity()

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 from .config import ModelConfig
-from .layers import Block, Linear, TransformerModel, Unpadded, make_norm
+from .layers import Block, Embedding, Linear, TransformerModel, Unpadded, make_norm
 
 
 class Seq2Seq(TransformerModel):
@@ -19,8 +19,8 @@ class Seq2Seq(TransformerModel):
         super().__init__()
         config.validate()
         self.config = config
-        self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)  # the target's, and the source's if shared
-        self.src_emb = None if config.share_embeddings else nn.Embedding(config.src_vocab_size, config.d_model)
+        self.tok_emb = Embedding(config.vocab_size, config.d_model)  # the target's, and the source's if shared
+        self.src_emb = None if config.share_embeddings else Embedding(config.src_vocab_size, config.d_model)
         self._init_positions(config)
         self.encoder = nn.ModuleList(Block(config, i) for i in range(config.encoder_layers))
         self.encoder_norm = make_norm(config) if config.final_norm else nn.Identity()
