@@ -186,11 +186,10 @@ class Attention(nn.Module):
         # GPT-2 step's time outside the matrix products
         if library is not None:
             self._attend_kernel = library.decode_attention.default
-            if not self.cross and self.n_kv_heads == self.n_heads:
-                self._packed_kernel = library.packed_attention.default
-            self._decode_kernel = (library.decode_attention if self.cross else library.cached_decode_attention).default
+            self._decode_kernel = self._attend_kernel if self.cross else library.cached_decode_attention.default
             if not self.cross and self.n_kv_heads == self.n_heads:
                 self._fused_decode_kernel = library.cached_decode_attention_fused.default
+                self._packed_kernel = library.packed_attention.default
 
     def _heads(self, product, n: int, B: int, T: int, unpadded=None):
         """n projections side by side in `product` [B, T or tokens, n x heads x head_dim] -> n views [B, heads, T,
