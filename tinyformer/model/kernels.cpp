@@ -390,8 +390,8 @@ inline __m256 load8(const at::BFloat16* w) {  // bfloat16 is a float32's high ha
 }
 
 // R rows of x (row stride K) times P consecutive panels starting at w -> y (row stride ldy), + bias[0, 8P) and
-// + residual (row stride ldy) when given, fetching next_lines cache lines from `next` into L2 meanwhile. The 12 accumulators are named variables: as an array GCC kept some on
-// the stack, an FMA a step reading and writing memory.
+// + residual (row stride ldy) when given, fetching next_lines cache lines from `next` into L2 meanwhile. The 12
+// accumulators are named variables: as an array GCC kept some on the stack, an FMA a step reading and writing memory.
 template <int R, int P, class Weight>
 inline void panel_tile(const float* __restrict x, int64_t K, const Weight* __restrict w, float* __restrict y,
                        int64_t ldy, const float* __restrict bias, const float* __restrict residual,
@@ -549,10 +549,10 @@ void panel_product(const float* X, const Weight* W, const float* bias, int64_t M
       }
     } else if (n == 3) {
       const int64_t next = ahead ? std::min(per_group, full - p - per_group) : 0;  // the next unit's whole panels
-      panel_rows<3>(rows, x, K, w, y, N, b, r, next > 0 ? reinterpret_cast<const char*>(w + per_group * kPanelWidth * K) : nullptr,
+      panel_rows<3>(rows, x, K, w, y, N, b, r,
+                    next > 0 ? reinterpret_cast<const char*>(w + per_group * kPanelWidth * K) : nullptr,
                     std::max<int64_t>(0, next) * kPanelWidth * K * static_cast<int64_t>(sizeof(Weight)));
-    }
-    else if (n == 2) panel_rows<2>(rows, x, K, w, y, N, b, r);
+    } else if (n == 2) panel_rows<2>(rows, x, K, w, y, N, b, r);
     else panel_rows<1>(rows, x, K, w, y, N, b, r);
   };
   // At a few rows the product streams the weight from memory, and a contiguous half per thread measured better
@@ -607,9 +607,9 @@ inline __m512 load16(const at::BFloat16* w, __mmask16 m) {
 
 // R rows of x (row stride K) times P panels: panel p's k-th 16 weights at w + p * panel_stride + k * k_stride ->
 // y (row stride ldy), + bias and + residual (row stride ldy) when given. Meanwhile the next_lines cache lines from
-// `next` (a slice of the weights the thread multiplies next: see panel_product) are fetched into L2. With a mask (the last, partial panel: P
-// is 1 and k_stride is its width) only the mask's lanes are read and stored. The accumulators stay in registers
-// (checked in the assembly: an array indexed by constants after unrolling).
+// `next` (a slice of the weights the thread multiplies next: see panel_product) are fetched into L2. With a mask
+// (the last, partial panel: P is 1 and k_stride is its width) only the mask's lanes are read and stored. The
+// accumulators stay in registers (checked in the assembly: an array indexed by constants after unrolling).
 template <int R, int P, bool Masked, class Weight>
 void tile(const float* __restrict x, int64_t K, const Weight* __restrict w, int64_t panel_stride, int64_t k_stride,
           __mmask16 mask, float* __restrict y, int64_t ldy, const float* __restrict bias,
@@ -673,10 +673,13 @@ void panel_run(const float* x, int64_t K, const Weight* w, int64_t n, float* y, 
 // them (p1 may include it).
 template <int R, class Weight>
 void panel_block(const float* x, int64_t K, const Weight* W, int64_t full, int64_t tail, int64_t p0, int64_t p1,
-                 float* y, int64_t ldy, const float* bias, const float* residual, const char* next, int64_t next_lines) {
+                 float* y, int64_t ldy, const float* bias, const float* residual, const char* next,
+                 int64_t next_lines) {
   auto offset = [&](const float* t, int64_t p) { return t ? t + p * kWidth : nullptr; };
   const int64_t whole = std::min(p1, full) - p0;
-  if (whole > 0) panel_run<R>(x, K, W + p0 * K * kWidth, whole, y + p0 * kWidth, ldy, offset(bias, p0), offset(residual, p0), next, next_lines);
+  if (whole > 0)
+    panel_run<R>(x, K, W + p0 * K * kWidth, whole, y + p0 * kWidth, ldy, offset(bias, p0), offset(residual, p0), next,
+                 next_lines);
   if (tail && p1 > full)
     tile<R, 1, true>(x, K, W + full * K * kWidth, 0, tail, static_cast<__mmask16>((1u << tail) - 1), y + full * kWidth,
                      ldy, offset(bias, full), offset(residual, full));
