@@ -241,21 +241,28 @@ def test_full_queue_is_429_and_the_server_recovers(lm):
     slowed(busy_lm.model, 0.02)  # each request below runs for > 4 s
     with RunningServer(create_app(busy_lm, name="busy", limits=Limits(max_batch=1, max_queue=1))) as s:
         client = openai.OpenAI(base_url=s.url + "/v1", api_key="x", max_retries=0)
-        streams = [httpx.stream("POST", s.url + "/v1/completions", timeout=60,
-                                json={"prompt": "Speak", "max_tokens": 240, "temperature": 0, "stream": True})
-                   for _ in range(2)]
+        hang_up = threading.Event()
+
+        def stream():  # opens a streamed request and holds it until hang_up, all in its own thread (an httpx
+            # stream must be closed by the thread that opened it: the queued one may still be waiting for headers)
+            with httpx.stream("POST", s.url + "/v1/completions", timeout=60,
+                              json={"prompt": "Speak", "max_tokens": 240, "temperature": 0, "stream": True}):
+                hang_up.wait()
+
         deadline = time.monotonic() + 30
         # one at a time, each once the engine shows the one before it: two sent together could both find the
         # first still waiting (max_queue=1) on a busy machine, and the second would get the 429 meant below
-        for st, state in zip(streams, [(1, 0), (1, 1)]):
-            threading.Thread(target=st.__enter__, daemon=True).start()
+        threads = [threading.Thread(target=stream, daemon=True) for _ in range(2)]
+        for thread, state in zip(threads, [(1, 0), (1, 1)]):
+            thread.start()
             while (s.engine.batch_size, s.engine.queue_length) != state and time.monotonic() < deadline:
                 time.sleep(0.01)
         assert (s.engine.batch_size, s.engine.queue_length) == (1, 1)  # one running, one waiting: queue full
         with pytest.raises(openai.RateLimitError):
             client.completions.create(model="busy", prompt="Speak", max_tokens=2)
-        for st in streams:
-            st.__exit__(None, None, None)  # hang up: both are cancelled
+        hang_up.set()  # both hang up and are cancelled (the queued one once its headers come)
+        for thread in threads:
+            thread.join(timeout=30)
         while s.engine.batch_size and time.monotonic() < deadline + 10:
             time.sleep(0.01)
         assert client.completions.create(model="busy", prompt="Speak", max_tokens=2).choices[0].finish_reason
