@@ -627,7 +627,8 @@ void tile(const float* __restrict x, int64_t K, const Weight* __restrict w, int6
 #pragma GCC unroll 8
     for (int p = 0; p < P; p++) {
       if (!Masked)
-        _mm_prefetch(reinterpret_cast<const char*>(w + p * panel_stride + k * k_stride) + (R > 4 ? kPanelAheadWide : kPanelAhead),
+        _mm_prefetch(reinterpret_cast<const char*>(w + p * panel_stride + k * k_stride) +
+                         (R > 4 ? kPanelAheadWide : kPanelAhead),
                      _MM_HINT_T0);
       b[p] = Masked ? load16(w + k * k_stride, mask) : load16(w + p * panel_stride + k * k_stride);
     }
@@ -770,7 +771,8 @@ inline std::pair<float, float> log_sum_exp(const float* row, int64_t V) {
     const __mmask16 m = i + 16 <= V ? 0xFFFF : static_cast<__mmask16>((1u << (V - i)) - 1);
     top[0] = _mm512_max_ps(top[0], _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), m, row + i));
   }
-  const float largest = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(top[0], top[1]), _mm512_max_ps(top[2], top[3])));
+  const float largest =
+      _mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(top[0], top[1]), _mm512_max_ps(top[2], top[3])));
   const __m512 shift = _mm512_set1_ps(largest);
   __m512 sum[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
   for (i = 0; i + 32 <= V; i += 32)
@@ -1214,7 +1216,8 @@ at::Tensor packed_attention(const at::Tensor& qkv, const at::Tensor& starts, int
       const int64_t b = std::upper_bound(start, start + B + 1, n) - start - 1, first = start[b];
       const RowKeys<float> kv{X + first * row + H * D + h * D, X + first * row + 2 * H * D + h * D, row, row,
                               nullptr, 0, 0};
-      attend_row(X + n * row + h * D, kv, nullptr, 0, start[b + 1] - first, D, scale, scores.data(), Y + n * H * D + h * D);
+      attend_row(X + n * row + h * D, kv, nullptr, 0, start[b + 1] - first, D, scale, scores.data(),
+                 Y + n * H * D + h * D);
     }
   });
   return y;

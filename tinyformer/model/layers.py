@@ -288,8 +288,9 @@ class Attention(nn.Module):
 class Unpadded:
     """The real tokens of a padded batch, valid: bool [B, S], packed into one [tokens, ...] tensor, so that the
     position-wise work of a layer (projections, feed-forward, norms, residuals) skips the padding and only attention
-    sees the padded layout (CTranslate2's Padder does the same; kernels.cpp's packed attention not even that). The sources of a translation batch differ in length:
-    in the benchmark's batch of 32 sources of 7-13 tokens, 23% of the encoder's rows were padding."""
+    sees the padded layout (CTranslate2's Padder does the same; kernels.cpp's packed attention not even that). The
+    sources of a translation batch differ in length: in the benchmark's batch of 32 sources of 7-13 tokens, 23% of
+    the encoder's rows were padding."""
 
     def __init__(self, valid: torch.Tensor):
         self.shape = valid.shape
